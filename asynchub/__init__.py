@@ -1,0 +1,48 @@
+"""asynchub: load TensorFlow Hub-style modules async-first."""
+
+from __future__ import annotations
+
+from ._config import Retries, Timeouts
+from ._progress import ProgressEvent, ProgressKind
+from .errors import (
+    ArchiveError,
+    CacheError,
+    DownloadError,
+    HandleError,
+    HTTPStatusError,
+    HubClosedError,
+    HubError,
+    LockTimeoutError,
+    MissingDependencyError,
+    ModuleError,
+    NetworkError,
+    OfflineError,
+    PrefetchError,
+    SignatureError,
+    UnsafeArchiveError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchiveError",
+    "CacheError",
+    "DownloadError",
+    "HTTPStatusError",
+    "HandleError",
+    "HubClosedError",
+    "HubError",
+    "LockTimeoutError",
+    "MissingDependencyError",
+    "ModuleError",
+    "NetworkError",
+    "OfflineError",
+    "PrefetchError",
+    "ProgressEvent",
+    "ProgressKind",
+    "Retries",
+    "SignatureError",
+    "Timeouts",
+    "UnsafeArchiveError",
+    "__version__",
+]

@@ -1,0 +1,133 @@
+"""Configuration values of a hub: small frozen objects, read from the environment once."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["HubConfig", "Retries", "Timeouts"]
+
+ENV_CACHE_DIR = "TFHUB_CACHE_DIR"
+ENV_OFFLINE = "ASYNCHUB_OFFLINE"
+ENV_PROGRESS = "TFHUB_DOWNLOAD_PROGRESS"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Network timeouts in seconds; ``read`` applies between two chunks, not to the whole body."""
+
+    connect: float = 10.0
+    read: float = 60.0
+
+    @classmethod
+    def coerce(cls, value: Timeouts | float | None) -> Timeouts:
+        if isinstance(value, Timeouts):
+            return value
+        if value is None:
+            return cls()
+        return cls(connect=float(value), read=float(value))
+
+
+@dataclass(frozen=True)
+class Retries:
+    """How often and how patiently a download is tried again.
+
+    ``total`` is the number of retries after the first attempt. The wait before
+    retry *n* (0-based) is drawn uniformly from ``[0, min(max_backoff, backoff * 2**n)]``
+    ("full jitter"), unless the server sent ``Retry-After``, which is honoured up
+    to ``max_retry_after`` seconds.
+    """
+
+    total: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_retry_after: float = 120.0
+
+    @classmethod
+    def coerce(cls, value: Retries | int | None) -> Retries:
+        if isinstance(value, Retries):
+            return value
+        if value is None:
+            return cls()
+        if value < 0:
+            raise ValueError(f"retries must be >= 0, got {value}")
+        return cls(total=int(value))
+
+
+def default_cache_dir() -> Path:
+    """``TFHUB_CACHE_DIR`` if set, else ``<system temp>/tfhub_modules`` (tensorflow_hub's rule)."""
+    env = os.environ.get(ENV_CACHE_DIR, "")
+    if env:
+        return Path(env).expanduser()
+    return Path(tempfile.gettempdir()) / "tfhub_modules"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything a hub needs to know, fixed when the hub is made."""
+
+    cache_dir: Path
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retries: Retries = field(default_factory=Retries)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    offline: bool = False
+    max_concurrency: int = 4
+    #: Refuse archives that would extract to more than this many bytes.
+    max_extract_bytes: int = 64 * 1024**3
+    #: A lock whose download dir has not grown for this long is taken over.
+    lock_stale_after: float = 600.0
+    #: Give up waiting for another process's download after this long (None: wait
+    #: as long as it makes progress).
+    lock_timeout: float | None = None
+    #: Bytes per chunk handed from the network to the extraction thread.
+    chunk_size: int = 1024 * 1024
+    progress: bool = False
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        timeout: Timeouts | float | None = None,
+        retries: Retries | int | None = None,
+        headers: Mapping[str, str] | None = None,
+        offline: bool | None = None,
+        max_concurrency: int | None = None,
+        max_extract_bytes: int | None = None,
+        lock_stale_after: float | None = None,
+        lock_timeout: float | None = None,
+        progress: bool | None = None,
+    ) -> HubConfig:
+        """Build a config from keyword arguments, the environment filling what is not given."""
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        defaults = cls(cache_dir=Path())
+        return cls(
+            cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
+            timeouts=Timeouts.coerce(timeout),
+            retries=Retries.coerce(retries),
+            headers=dict(headers or {}),
+            offline=env_flag(ENV_OFFLINE) if offline is None else offline,
+            max_concurrency=max_concurrency or _default_concurrency(),
+            max_extract_bytes=max_extract_bytes or defaults.max_extract_bytes,
+            lock_stale_after=(
+                defaults.lock_stale_after if lock_stale_after is None else lock_stale_after
+            ),
+            lock_timeout=lock_timeout,
+            progress=env_flag(ENV_PROGRESS) if progress is None else progress,
+        )
+
+
+def _default_concurrency() -> int:
+    # Downloads are network- and gunzip-bound; a few more than the cores keeps
+    # both busy without flooding a server.
+    return max(4, min(16, 2 * (os.cpu_count() or 2)))

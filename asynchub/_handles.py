@@ -1,0 +1,114 @@
+"""Handle parsing and cache keys: pure functions, no I/O beyond a stat."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from ._types import Handle
+from .errors import HandleError
+
+__all__ = ["ARCHIVE_SUFFIXES", "HandleKind", "ParsedHandle", "cache_key", "compressed_url", "parse"]
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+FORMAT_PARAM = ("tf-hub-format", "compressed")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+_FORMS = (
+    "a local module directory, a local .tar/.tar.gz/.tgz archive (path or file:// URL), "
+    "or an http(s):// URL"
+)
+
+
+class HandleKind(enum.Enum):
+    DIRECTORY = "directory"  #: used in place
+    ARCHIVE = "archive"  #: a local archive, extracted into the cache
+    URL = "url"  #: fetched over HTTP, extracted into the cache
+
+
+@dataclass(frozen=True)
+class ParsedHandle:
+    """A handle understood: what it is, and where its bytes come from."""
+
+    text: str  #: the handle as given (the cache key is computed from it)
+    kind: HandleKind
+    path: Path | None = None  #: DIRECTORY and ARCHIVE
+    url: str | None = None  #: URL: the address with ``tf-hub-format=compressed`` added
+
+    @property
+    def key(self) -> str:
+        return cache_key(self.text)
+
+    @property
+    def source(self) -> str:
+        """Where the bytes come from, for messages."""
+        return self.url if self.url is not None else str(self.path)
+
+
+def cache_key(handle: str) -> str:
+    """The cache entry name: sha1 of the handle as given (tensorflow_hub's rule)."""
+    return hashlib.sha1(handle.encode("utf-8")).hexdigest()
+
+
+def compressed_url(url: str) -> str:
+    """``url`` with ``tf-hub-format=compressed`` in its query, other parameters kept."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != FORMAT_PARAM[0]]
+    query.append(FORMAT_PARAM)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def parse(handle: Handle) -> ParsedHandle:
+    """Classify ``handle``; raise :class:`HandleError` for anything asynchub cannot resolve."""
+    if not isinstance(handle, (str, os.PathLike)):
+        raise HandleError(
+            f"handle must be a str or a path, got {type(handle).__name__}; expected {_FORMS}",
+            handle=repr(handle),
+        )
+    text = os.fspath(handle)
+    if not isinstance(text, str):
+        raise HandleError(f"handle must be text, got bytes {text!r}", handle=repr(text))
+    if not text.strip():
+        raise HandleError(f"empty handle; expected {_FORMS}", handle=text)
+    lower = text.lower()
+    if lower.startswith(("http://", "https://")):
+        parts = urlsplit(text)
+        if not parts.hostname:
+            raise HandleError(f"URL {text!r} names no host; expected {_FORMS}", handle=text)
+        return ParsedHandle(text, HandleKind.URL, url=compressed_url(text))
+    if lower.startswith("file://"):
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost"):
+            raise HandleError(
+                f"file:// URL {text!r} names a remote host; only local files are supported",
+                handle=text,
+            )
+        path = Path(unquote(parts.path))
+        return _local(text, path, must_be_archive=True)
+    scheme_match = _SCHEME.match(text)
+    if scheme_match and not Path(text).exists():
+        scheme = scheme_match.group(1)
+        raise HandleError(
+            f"unsupported scheme {scheme!r} in handle {text!r}; expected {_FORMS}", handle=text
+        )
+    return _local(text, Path(text).expanduser(), must_be_archive=False)
+
+
+def _local(text: str, path: Path, *, must_be_archive: bool) -> ParsedHandle:
+    if path.is_dir() and not must_be_archive:
+        return ParsedHandle(text, HandleKind.DIRECTORY, path=path)
+    if path.is_file():
+        if path.name.lower().endswith(ARCHIVE_SUFFIXES):
+            return ParsedHandle(text, HandleKind.ARCHIVE, path=path)
+        raise HandleError(
+            f"{path} is a file but not a .tar, .tar.gz or .tgz archive; expected {_FORMS}",
+            handle=text,
+        )
+    if path.is_dir():
+        raise HandleError(f"file:// handle {text!r} names a directory, not an archive", handle=text)
+    raise HandleError(f"{path} does not exist; expected {_FORMS}", handle=text)

@@ -1,0 +1,142 @@
+"""Every error asynchub raises on purpose derives from :class:`HubError`.
+
+::
+
+    HubError
+    ├── HandleError             the handle is not a form asynchub understands, or does not exist
+    ├── DownloadError           fetching the archive failed
+    │   ├── HTTPStatusError     the server answered 4xx, or 5xx/429 after every retry
+    │   └── NetworkError        connect/read failures and timeouts, after every retry
+    ├── ArchiveError            the bytes are not a usable tar archive (corrupt, HTML page, ...)
+    │   └── UnsafeArchiveError  a member would escape the module dir, is a link/device/fifo,
+    │                           or the archive is larger than the configured limit
+    ├── CacheError              the cache dir cannot be used
+    │   ├── OfflineError        offline mode and the handle is not in the cache
+    │   └── LockTimeoutError    another process held the download lock for too long
+    ├── ModuleError             the directory is not a loadable SavedModel
+    ├── SignatureError          unknown signature, missing inputs, ambiguous outputs
+    ├── MissingDependencyError  an optional dependency (e.g. TensorFlow) is not installed
+    └── PrefetchError           some handles of a prefetch failed (also an ExceptionGroup)
+
+    HubClosedError (RuntimeError)   misuse: the hub was used after it was closed
+
+Errors from httpx, tarfile and TensorFlow are wrapped at the boundary with
+``raise ... from exc``; the original stays available as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
+    from exceptiongroup import ExceptionGroup
+
+__all__ = [
+    "ArchiveError",
+    "CacheError",
+    "DownloadError",
+    "HTTPStatusError",
+    "HandleError",
+    "HubClosedError",
+    "HubError",
+    "LockTimeoutError",
+    "MissingDependencyError",
+    "ModuleError",
+    "NetworkError",
+    "OfflineError",
+    "PrefetchError",
+    "SignatureError",
+    "UnsafeArchiveError",
+]
+
+
+class HubError(Exception):
+    """Base class of every error asynchub raises on purpose.
+
+    ``handle`` is the handle the operation was about (``None`` where none applies).
+    """
+
+    def __init__(self, message: str, *, handle: str | None = None) -> None:
+        super().__init__(message)
+        self.handle = handle
+
+
+class HandleError(HubError, ValueError):
+    """The handle is not a local dir, a local archive, or an http(s) URL."""
+
+
+class DownloadError(HubError):
+    """Fetching the module's archive failed."""
+
+    def __init__(self, message: str, *, handle: str | None = None, url: str | None = None) -> None:
+        super().__init__(message, handle=handle)
+        self.url = url
+
+
+class HTTPStatusError(DownloadError):
+    """The server answered with an error status."""
+
+    def __init__(
+        self, message: str, *, handle: str | None = None, url: str | None = None, status: int
+    ) -> None:
+        super().__init__(message, handle=handle, url=url)
+        self.status = status
+
+
+class NetworkError(DownloadError):
+    """The connection failed, timed out, or was cut, on every attempt."""
+
+
+class ArchiveError(HubError):
+    """The downloaded or local bytes are not a usable tar archive."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """A member of the archive was refused before anything of it was written."""
+
+
+class CacheError(HubError):
+    """The cache dir cannot be used as asked."""
+
+
+class OfflineError(CacheError):
+    """Offline mode is on and the handle is not in the cache."""
+
+
+class LockTimeoutError(CacheError):
+    """Another process kept the download lock longer than the hub waits."""
+
+
+class ModuleError(HubError):
+    """The directory is not a loadable SavedModel."""
+
+
+class SignatureError(HubError, KeyError):
+    """A signature or one of its inputs/outputs is unknown or missing."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(HubError, ImportError):
+    """An optional dependency is missing; the message says what to install."""
+
+
+class PrefetchError(HubError, ExceptionGroup):  # type: ignore[misc]
+    """Some handles of a prefetch failed; ``exceptions`` holds one error per failed handle."""
+
+    def __new__(cls, message: str, exceptions: Sequence[Exception]) -> PrefetchError:
+        self = ExceptionGroup.__new__(cls, message, list(exceptions))
+        return self  # type: ignore[no-any-return]
+
+    def __init__(self, message: str, exceptions: Sequence[Exception]) -> None:
+        ExceptionGroup.__init__(self, message, list(exceptions))
+        self.handle = None
+
+    def derive(self, excs: Sequence[Exception]) -> PrefetchError:  # type: ignore[override]
+        return PrefetchError(self.message, excs)
+
+
+class HubClosedError(RuntimeError):
+    """The hub was used after it was closed (misuse, not a HubError)."""
