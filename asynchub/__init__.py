@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._config import Retries, Timeouts
+from ._hub import AsyncHub
 from ._progress import ProgressEvent, ProgressKind
 from .errors import (
     ArchiveError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchiveError",
+    "AsyncHub",
     "CacheError",
     "DownloadError",
     "HTTPStatusError",

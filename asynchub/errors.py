@@ -123,12 +123,11 @@ class MissingDependencyError(HubError, ImportError):
     """An optional dependency is missing; the message says what to install."""
 
 
-class PrefetchError(HubError, ExceptionGroup):  # type: ignore[misc]
+class PrefetchError(HubError, ExceptionGroup[Exception]):
     """Some handles of a prefetch failed; ``exceptions`` holds one error per failed handle."""
 
     def __new__(cls, message: str, exceptions: Sequence[Exception]) -> PrefetchError:
-        self = ExceptionGroup.__new__(cls, message, list(exceptions))
-        return self  # type: ignore[no-any-return]
+        return ExceptionGroup.__new__(cls, message, list(exceptions))
 
     def __init__(self, message: str, exceptions: Sequence[Exception]) -> None:
         ExceptionGroup.__init__(self, message, list(exceptions))
