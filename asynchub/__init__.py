@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._config import Retries, Timeouts
 from ._hub import AsyncHub
 from ._progress import ProgressEvent, ProgressKind
+from ._sync import Hub, aload, aprefetch, aresolve, load, prefetch, resolve
 from .errors import (
     ArchiveError,
     CacheError,
@@ -32,6 +33,7 @@ __all__ = [
     "DownloadError",
     "HTTPStatusError",
     "HandleError",
+    "Hub",
     "HubClosedError",
     "HubError",
     "LockTimeoutError",
@@ -47,4 +49,10 @@ __all__ = [
     "Timeouts",
     "UnsafeArchiveError",
     "__version__",
+    "aload",
+    "aprefetch",
+    "aresolve",
+    "load",
+    "prefetch",
+    "resolve",
 ]

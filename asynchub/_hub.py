@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import httpx
@@ -36,6 +37,10 @@ from .errors import (
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
+
+if TYPE_CHECKING:
+    from ._display import ProgressDisplay
+    from ._module import Module
 
 __all__ = ["AsyncHub"]
 
@@ -109,6 +114,7 @@ class AsyncHub:
         self._client: httpx.AsyncClient | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._flights: dict[str, _Flight] = {}
+        self._display: ProgressDisplay | None = None
         self._state = "new"
 
     @property
@@ -128,6 +134,13 @@ class AsyncHub:
             transport=self._transport,
         )
         self._limiter = anyio.CapacityLimiter(self.config.max_concurrency)
+        if self._progress is None and self.config.progress:
+            # TFHUB_DOWNLOAD_PROGRESS (or progress display requested): draw it ourselves.
+            from ._display import ProgressDisplay
+
+            self._display = ProgressDisplay()
+            self._display.start()
+            self._progress = self._display
         self._state = "open"
         return self
 
@@ -142,6 +155,9 @@ class AsyncHub:
     async def aclose(self) -> None:
         """Close the HTTP connections; the hub cannot be used afterwards."""
         self._state = "closed"
+        if self._display is not None:
+            display, self._display = self._display, None
+            display.stop()
         if self._client is not None:
             client, self._client = self._client, None
             with anyio.CancelScope(shield=True):
@@ -168,6 +184,44 @@ class AsyncHub:
             return parsed.path
         entry = cache.Entry(self.config.cache_dir, parsed.key)
         return await self._single_flight(parsed, entry)
+
+    async def load(
+        self, handle: Handle, *, tags: Iterable[str] | None = None, options: Any = None
+    ) -> Module:
+        """Resolve ``handle``, then load it with TensorFlow in a worker thread.
+
+        ``tags`` picks the MetaGraph of a SavedModel that has several (e.g.
+        ``{"train"}``); ``options`` is a ``tf.saved_model.LoadOptions``.
+        """
+        from ._module import load_module
+
+        path = await self.resolve(handle)
+        text = os.fspath(handle)
+        return await to_thread.run_sync(
+            functools.partial(load_module, path, handle=text, tags=tags, options=options)
+        )
+
+    async def prefetch(
+        self,
+        handles: Iterable[Handle],
+        *,
+        max_concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Path] | list[Path | HubError]:
+        """Resolve many handles at once; results in input order.
+
+        A handle given twice is fetched once, cached ones return at once, and one
+        failure does not stop the others: when all are done, a PrefetchError lists
+        every failed handle (or, with ``return_exceptions=True``, the errors stand
+        in the list in place of paths). ``max_concurrency`` bounds this call's
+        downloads on top of the hub's own bound.
+        """
+        from ._prefetch import prefetch
+
+        self._check_open()
+        return await prefetch(
+            self, handles, max_concurrency=max_concurrency, return_exceptions=return_exceptions
+        )
 
     async def _parse(self, handle: Handle) -> ParsedHandle:
         if isinstance(handle, str) and handle[:8].lower().startswith(("http://", "https://")):
