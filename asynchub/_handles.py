@@ -58,7 +58,9 @@ def cache_key(handle: str) -> str:
 def compressed_url(url: str) -> str:
     """``url`` with ``tf-hub-format=compressed`` in its query, other parameters kept."""
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != FORMAT_PARAM[0]]
+    query = [
+        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != FORMAT_PARAM[0]
+    ]
     query.append(FORMAT_PARAM)
     return urlunsplit(parts._replace(query=urlencode(query)))
 
