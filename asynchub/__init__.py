@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._config import Retries, Timeouts
 from ._hub import AsyncHub
+from ._module import Module, SignatureInfo, TensorInfo
 from ._progress import ProgressEvent, ProgressKind
 from ._sync import Hub, aload, aprefetch, aresolve, load, prefetch, resolve
 from .errors import (
@@ -38,6 +39,7 @@ __all__ = [
     "HubError",
     "LockTimeoutError",
     "MissingDependencyError",
+    "Module",
     "ModuleError",
     "NetworkError",
     "OfflineError",
@@ -46,6 +48,8 @@ __all__ = [
     "ProgressKind",
     "Retries",
     "SignatureError",
+    "SignatureInfo",
+    "TensorInfo",
     "Timeouts",
     "UnsafeArchiveError",
     "__version__",

@@ -1,0 +1,668 @@
+"""Load a SavedModel directory and apply it: :class:`Module` and :func:`load_module`.
+
+A :class:`Module` works out once per signature (lazily, on first use) everything
+that does not change between calls: which function to call, the input names and
+their order, the dtypes, which output to return. Each call then only checks that
+its inputs fit that plan. Inputs that are eager tensors of a dtype and shape seen
+before go straight to the concrete function's flat-argument entry point; anything
+else takes the general path, which converts and validates the inputs, and whose
+first success for a given shape teaches the fast path that shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._tf import import_tensorflow
+from .errors import ModuleError, SignatureError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+__all__ = ["Module", "SignatureInfo", "TensorInfo", "load_module"]
+
+#: Distinct input shapes (per input) and call keys (per callable) the fast path
+#: remembers; past this, calls still work, through the general path.
+_FAST_PATH_LIMIT = 64
+_LISTING_LIMIT = 12
+_SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+#: The order in which a module without a callable object picks its signature.
+_DEFAULT_SIGNATURES = ("default", "serving_default")
+#: Keyword values that a restored ``tf.function`` bakes into its trace as constants.
+_LITERAL_TYPES = frozenset({bool, int, float, str, type(None)})
+#: How TensorFlow's messages start when a restored function does not accept its inputs
+#: (as opposed to failing inside); only these become SignatureError.
+_NO_MATCH = ("Could not find matching concrete function", "Binding inputs to tf.function failed")
+
+_FlatCall = Callable[[list[Any]], Any]
+_Plan = Callable[[Any, bool, dict[str, Any]], Any]
+
+
+# --- what a signature looks like ----------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class TensorInfo:
+    """Name, dtype and shape of one input or output of a signature.
+
+    ``shape`` is ``None`` when even the rank is unknown; unknown dimensions are ``None``.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...] | None
+
+    @classmethod
+    def from_spec(cls, name: str, spec: Any) -> TensorInfo:
+        """Describe a ``tf.TensorSpec`` (or anything with ``dtype`` and ``shape``)."""
+        dtype = getattr(getattr(spec, "dtype", None), "name", "unknown")
+        shape = getattr(spec, "shape", None)
+        dims = None if shape is None or shape.rank is None else tuple(shape.as_list())
+        return cls(name=name, dtype=str(dtype), shape=dims)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}{_format_shape(self.shape)}"
+
+    def __repr__(self) -> str:
+        return f"<TensorInfo {self}>"
+
+
+@dataclass(frozen=True, repr=False)
+class SignatureInfo:
+    """The inputs and outputs of one signature, each sorted by name."""
+
+    name: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    @classmethod
+    def from_function(cls, name: str, fn: Any) -> SignatureInfo:
+        """Describe a signature's concrete function (its keyword inputs and dict outputs)."""
+        _, input_specs = fn.structured_input_signature
+        outputs = fn.structured_outputs
+        output_specs = outputs if isinstance(outputs, Mapping) else {}
+        return cls(
+            name=name,
+            inputs=tuple(TensorInfo.from_spec(n, input_specs[n]) for n in sorted(input_specs)),
+            outputs=tuple(TensorInfo.from_spec(n, output_specs[n]) for n in sorted(output_specs)),
+        )
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def __str__(self) -> str:
+        inputs = ", ".join(map(str, self.inputs))
+        outputs = ", ".join(map(str, self.outputs))
+        return f"{self.name}({inputs}) -> {{{outputs}}}"
+
+    def __repr__(self) -> str:
+        return f"<SignatureInfo {self}>"
+
+
+class _SignatureMap(Mapping[str, SignatureInfo]):
+    """A read-only mapping of signature name to :class:`SignatureInfo`."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, SignatureInfo]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, name: str) -> SignatureInfo:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self._items.values())) or "(no signatures)"
+
+    def __repr__(self) -> str:
+        return f"<signatures: {'; '.join(map(str, self._items.values()))}>"
+
+
+def _format_shape(shape: tuple[int | None, ...] | None) -> str:
+    if shape is None:
+        return "[...]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+# --- pure rules -----------------------------------------------------------------------
+
+
+def default_signature(names: Sequence[str], *, handle: str) -> str:
+    """The signature a call without ``signature=`` uses when the module is not callable.
+
+    ``"default"``, else ``"serving_default"``, else the only one; otherwise
+    :class:`SignatureError` listing what exists.
+    """
+    for name in _DEFAULT_SIGNATURES:
+        if name in names:
+            return name
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise SignatureError(
+            f"module {handle!r} is not callable and has no signatures: there is nothing to call",
+            handle=handle,
+        )
+    raise SignatureError(
+        f"module {handle!r} is not callable and has no 'default' or 'serving_default' "
+        f"signature; pass signature= one of: {', '.join(sorted(names))}",
+        handle=handle,
+    )
+
+
+def default_output(names: Sequence[str]) -> str | None:
+    """The output a call with ``as_dict=False`` returns: ``"default"``, else the only one.
+
+    ``None`` when that is ambiguous (several outputs, none called ``"default"``).
+    """
+    if "default" in names:
+        return "default"
+    return names[0] if len(names) == 1 else None
+
+
+# --- the call plans -------------------------------------------------------------------
+
+
+def _eager_tensor_type(tf: Any) -> Any:
+    """The eager tensor class if it offers what the fast path relies on, else ``None``."""
+    eager = getattr(getattr(tf, "__internal__", None), "EagerTensor", None)
+    if isinstance(eager, type) and hasattr(eager, "_shape_tuple"):
+        return eager
+    return None
+
+
+def _flat_caller(fn: Any) -> _FlatCall | None:
+    """``fn``'s flat-argument entry point with its captures bound, or ``None``.
+
+    This is the private ``ConcreteFunction._call_flat`` that TensorFlow's own
+    keyword call ends in; skipping the keyword binding in front of it is where
+    the time goes. Any sign that the private API changed turns the fast path off.
+    """
+    call_flat = getattr(fn, "_call_flat", None)
+    raw_captures = getattr(fn, "_captured_inputs", None)
+    if not callable(call_flat) or not isinstance(raw_captures, (list, tuple)):
+        return None
+    if any(callable(c) for c in raw_captures):
+        # Deferred captures are resolved anew on every call; so must we.
+        return lambda args: call_flat(args, fn.captured_inputs)
+    # Variables are captured by handle: the list stays valid as values change.
+    captured = list(fn.captured_inputs)
+    return lambda args: call_flat(args, captured)
+
+
+def _flat_order(fn: Any, tensors: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The input names in the order ``fn``'s flat entry point takes them.
+
+    Asks TensorFlow's own binding (the one the keyword call uses) where each of
+    ``tensors`` lands, and trusts the answer only if every tensor lands exactly once.
+    """
+    try:
+        function_type = fn.function_type
+        bound = function_type.bind_with_defaults((), dict(tensors), {})
+        flat = function_type.unpack_inputs(bound)
+    except Exception:  # a private-API probe: any failure only disables the fast path
+        return None
+    names_by_id = {id(t): name for name, t in tensors.items()}
+    order = tuple(names_by_id.get(id(t)) for t in flat)
+    if len(order) != len(tensors) or len(set(order)) != len(order) or None in order:
+        return None
+    return order  # type: ignore[return-value]  # None was ruled out just above
+
+
+def _as_dict(result: Any) -> dict[str, Any]:
+    # A callable object returns what it returns; as_dict names a lone result "default",
+    # the same key a signature's single output conventionally has.
+    return dict(result) if isinstance(result, Mapping) else {"default": result}
+
+
+class _SignaturePlan:
+    """How to call one signature; built on its first use and kept on the Module."""
+
+    def __init__(self, tf: Any, fn: Any, info: SignatureInfo, handle: str) -> None:
+        self._tf = tf
+        self._fn = fn
+        self._info = info
+        self._handle = handle
+        self._where = f"signature {info.name!r} of module {handle!r}"
+        self._specs: dict[str, Any] = dict(fn.structured_input_signature[1])
+        self._names = info.input_names
+        self._output = default_output(info.output_names)
+        self._eager = _eager_tensor_type(tf)
+        dense = all(isinstance(s, tf.TensorSpec) for s in self._specs.values())
+        self._flat = _flat_caller(fn) if dense and self._eager is not None else None
+        self._order: tuple[str, ...] | None = None
+        # (name, dtype, shapes seen to fit) in flat order; empty until the first
+        # general call has established the order.
+        self._fast: tuple[tuple[str, Any, set[tuple[int, ...]]], ...] = ()
+
+    def __call__(self, inputs: Any, as_dict: bool, kwargs: dict[str, Any]) -> Any:
+        output = self._output
+        if output is None and not as_dict:
+            self._bind(inputs, kwargs)  # a mistake in the inputs is the more useful error
+            raise self._ambiguous_output()
+        fast, flat_call, eager = self._fast, self._flat, self._eager
+        if fast and flat_call is not None and not kwargs:
+            if type(inputs) is eager:
+                if len(fast) == 1:
+                    _, dtype, seen = fast[0]
+                    if inputs.dtype is dtype and inputs._shape_tuple() in seen:
+                        result = flat_call([inputs])
+                        return result if as_dict else result[output]
+            elif type(inputs) is dict and len(inputs) == len(fast):
+                args = []
+                for name, dtype, seen in fast:
+                    value: Any = inputs.get(name)
+                    if (
+                        type(value) is not eager
+                        or value.dtype is not dtype
+                        or value._shape_tuple() not in seen
+                    ):
+                        break
+                    args.append(value)
+                else:
+                    result = flat_call(args)
+                    return result if as_dict else result[output]
+        result = self._call_general(inputs, kwargs)
+        return result if as_dict else result[output]
+
+    def _call_general(self, inputs: Any, kwargs: dict[str, Any]) -> Any:
+        tensors = self._bind(inputs, kwargs)
+        flat_call, eager = self._flat, self._eager
+        if flat_call is not None and all(type(t) is eager for t in tensors.values()):
+            order = self._order
+            if order is None:
+                order = _flat_order(self._fn, tensors)
+                if order is None:
+                    self._flat = None
+                    return self._fn(**tensors)
+                # _fast first: another thread that sees _order set must also see _fast.
+                self._fast = tuple((name, tensors[name].dtype, set()) for name in order)
+                self._order = order
+            args = [tensors[name] for name in order]
+            result = flat_call(args)
+            # _bind checked these shapes against the spec, so the fast path may trust them.
+            for (_, _, seen), arg in zip(self._fast, args, strict=True):
+                if len(seen) < _FAST_PATH_LIMIT:
+                    seen.add(arg._shape_tuple())
+            return result
+        # Symbolic tensors (inside a tf.function) and composite inputs take the
+        # structured call, exactly as TensorFlow would.
+        return self._fn(**tensors)
+
+    def _bind(self, inputs: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Map ``inputs`` to the signature's input names, as tensors of the right dtype."""
+        if kwargs:
+            raise SignatureError(
+                f"{self._where} takes no keyword arguments, got: {', '.join(sorted(kwargs))}; "
+                "keyword arguments such as training= go to the module's callable object "
+                "(call it without signature=)",
+                handle=self._handle,
+            )
+        if isinstance(inputs, Mapping):
+            given = dict(inputs)
+            missing = [n for n in self._names if n not in given]
+            unknown = sorted(str(k) for k in given if k not in self._specs)
+            if missing or unknown:
+                problems = []
+                if missing:
+                    problems.append(f"missing input(s) {', '.join(map(repr, missing))}")
+                if unknown:
+                    problems.append(f"unknown input(s) {', '.join(map(repr, unknown))}")
+                raise SignatureError(
+                    f"{self._where}: {' and '.join(problems)}; it takes: {self._expected()}",
+                    handle=self._handle,
+                )
+        elif len(self._names) == 1:
+            given = {self._names[0]: inputs}
+        else:
+            raise SignatureError(
+                f"{self._where} takes {len(self._names)} inputs ({self._expected()}); "
+                "pass a dict that maps each input name to its value",
+                handle=self._handle,
+            )
+        return {name: self._convert(name, value) for name, value in given.items()}
+
+    def _convert(self, name: str, value: Any) -> Any:
+        tf, spec = self._tf, self._specs[name]
+        if not isinstance(spec, tf.TensorSpec):
+            return value  # composite inputs (ragged, sparse) go to TensorFlow as given
+        if isinstance(value, (tf.Tensor, tf.Variable)):
+            if value.dtype != spec.dtype:
+                raise SignatureError(
+                    f"{self._where}: input {name!r} must be {spec.dtype.name}, got a "
+                    f"{value.dtype.name} tensor; convert it with tf.cast(x, tf.{spec.dtype.name})",
+                    handle=self._handle,
+                )
+            tensor = value if isinstance(value, tf.Tensor) else tf.convert_to_tensor(value)
+        else:
+            try:
+                tensor = tf.convert_to_tensor(value, dtype=spec.dtype)
+            except (TypeError, ValueError) as exc:
+                raise SignatureError(
+                    f"{self._where}: input {name!r} cannot be converted to "
+                    f"{spec.dtype.name}: {exc}",
+                    handle=self._handle,
+                ) from exc
+        if not spec.shape.is_compatible_with(tensor.shape):
+            raise SignatureError(
+                f"{self._where}: input {name!r} must have shape "
+                f"{_format_shape(_dims(spec.shape))}, got {_format_shape(_dims(tensor.shape))}",
+                handle=self._handle,
+            )
+        return tensor
+
+    def _expected(self) -> str:
+        return ", ".join(map(str, self._info.inputs)) or "no inputs"
+
+    def _ambiguous_output(self) -> SignatureError:
+        outputs = ", ".join(self._info.output_names) or "none"
+        return SignatureError(
+            f"{self._where} has no single output to return (outputs: {outputs}; none is "
+            "named 'default'); pass as_dict=True to get every output by name",
+            handle=self._handle,
+        )
+
+
+def _dims(shape: Any) -> tuple[int | None, ...] | None:
+    return None if shape.rank is None else tuple(shape.as_list())
+
+
+class _CallablePlan:
+    """How to call the loaded object itself (its restored ``__call__``)."""
+
+    def __init__(self, tf: Any, obj: Any, handle: str) -> None:
+        self._tf = tf
+        self._obj = obj
+        self._handle = handle
+        self._eager = _eager_tensor_type(tf)
+        function = getattr(obj, "__call__", None)  # noqa: B004 - we want the restored tf.function
+        usable = (
+            self._eager is not None
+            and hasattr(function, "get_concrete_function")
+            # XLA-compiled functions run under a context the flat call would skip.
+            and not getattr(function, "_jit_compile", False)
+        )
+        self._function = function if usable else None
+        self._concrete = tuple(getattr(function, "concrete_functions", ()))
+        self._dtype = self._common_input_dtype()
+        self._cache: dict[Hashable, _FlatCall | None] = {}
+
+    def __call__(self, inputs: Any, as_dict: bool, kwargs: dict[str, Any]) -> Any:
+        if type(inputs) is self._eager:
+            key = (
+                (inputs.dtype, inputs._shape_tuple(), ())
+                if not kwargs
+                else _call_key(inputs, kwargs)
+            )
+            call = self._cache.get(key)
+            if call is not None:
+                result = call([inputs])
+                return _as_dict(result) if as_dict else result
+        result = self._call_general(inputs, kwargs)
+        return _as_dict(result) if as_dict else result
+
+    def _call_general(self, inputs: Any, kwargs: dict[str, Any]) -> Any:
+        tf = self._tf
+        value = inputs
+        if (
+            self._dtype is not None
+            and not isinstance(inputs, (Mapping, tf.Variable))
+            and not tf.is_tensor(inputs)
+        ):
+            try:
+                value = tf.convert_to_tensor(inputs, dtype=self._dtype)
+            except (TypeError, ValueError) as exc:
+                raise SignatureError(
+                    f"module {self._handle!r}: the input cannot be converted to "
+                    f"{self._dtype.name}, the dtype its callable object takes: {exc}",
+                    handle=self._handle,
+                ) from exc
+        try:
+            result = self._obj(value, **kwargs)
+        except (TypeError, ValueError) as exc:
+            if not str(exc).startswith(_NO_MATCH):
+                raise  # an error inside the model, not in how it was called
+            raise SignatureError(
+                f"module {self._handle!r}: its callable object does not accept these "
+                f"inputs; it accepts {self._accepted()} (or pass signature=). "
+                f"TensorFlow said: {exc}",
+                handle=self._handle,
+            ) from exc
+        if self._function is not None and type(value) is self._eager:
+            key = _call_key(value, kwargs)
+            if key is not None and key not in self._cache and len(self._cache) < _FAST_PATH_LIMIT:
+                # None is remembered too, so a call that cannot be bound is not retried.
+                self._cache[key] = self._bind(value, kwargs)
+        return result
+
+    def _bind(self, value: Any, kwargs: dict[str, Any]) -> _FlatCall | None:
+        """The flat call of the concrete function TensorFlow dispatches ``value`` to."""
+        if self._function is None:
+            return None
+        try:
+            concrete = self._function.get_concrete_function(value, **kwargs)
+        except Exception:  # an optimisation only: the general path stays correct
+            return None
+        # One tensor goes in and the rest are literals baked into the trace, so the
+        # function's only non-captured input must be that tensor.
+        if len(concrete.inputs) - len(concrete.captured_inputs) != 1:
+            return None
+        return _flat_caller(concrete)
+
+    def _common_input_dtype(self) -> Any:
+        """The dtype every restored trace takes as its first argument, if they agree."""
+        dtypes = set()
+        for concrete in self._concrete:
+            args, _ = concrete.structured_input_signature
+            if not args or not isinstance(args[0], self._tf.TensorSpec):
+                return None
+            dtypes.add(args[0].dtype)
+        return dtypes.pop() if len(dtypes) == 1 else None
+
+    def _accepted(self) -> str:
+        forms = []
+        for concrete in self._concrete:
+            args, kwargs = concrete.structured_input_signature
+            parts = [_describe_arg(a) for a in args]
+            parts += [f"{k}={_describe_arg(v)}" for k, v in kwargs.items()]
+            forms.append(f"({', '.join(parts)})")
+        return "; ".join(forms) or "(unknown)"
+
+
+def _describe_arg(arg: Any) -> str:
+    if hasattr(arg, "dtype") and hasattr(arg, "shape"):
+        return f"{arg.dtype.name}{_format_shape(_dims(arg.shape))}"
+    return repr(arg)
+
+
+def _call_key(inputs: Any, kwargs: dict[str, Any]) -> Hashable | None:
+    """What TensorFlow dispatches a one-tensor call on, or ``None`` if not cacheable."""
+    items = []
+    for name, value in kwargs.items():
+        if type(value) not in _LITERAL_TYPES:
+            return None
+        # The type is part of the key: True == 1, yet they are different traces.
+        items.append((name, type(value).__name__, value))
+    return (inputs.dtype, inputs._shape_tuple(), tuple(sorted(items)))
+
+
+# --- the module -----------------------------------------------------------------------
+
+
+class Module:
+    """A loaded SavedModel, applied with ``m(inputs, signature=..., as_dict=...)``.
+
+    Calls are thread-safe; the per-signature plans are built on first use.
+    """
+
+    def __init__(self, obj: Any, *, path: Path, handle: str) -> None:
+        """Wrap ``obj``, the result of ``tf.saved_model.load(path)``."""
+        self._tf = import_tensorflow()
+        self._obj = obj
+        self._path = Path(path)
+        self._handle = handle
+        self._functions: dict[str, Any] = dict(getattr(obj, "signatures", None) or {})
+        self._signatures = _SignatureMap(
+            {name: SignatureInfo.from_function(name, fn) for name, fn in self._functions.items()}
+        )
+        self._plans: dict[str | None, _Plan] = {}
+
+    def __call__(
+        self,
+        inputs: Any,
+        /,
+        *,
+        signature: str | None = None,
+        as_dict: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Apply the module to ``inputs``.
+
+        Without ``signature``, calls the loaded object if it is callable (passing
+        ``inputs`` and ``kwargs`` such as ``training=``), else the signature
+        ``"default"``, else ``"serving_default"``, else the only one. With a
+        signature, ``inputs`` is a dict of input name to value, or a lone value for
+        a single-input signature; values that are not tensors are converted to the
+        input's dtype. ``as_dict=True`` returns every output by name; otherwise the
+        output ``"default"``, or the only output, is returned.
+        """
+        plan = self._plans.get(signature)
+        if plan is None:
+            plan = self._plan(signature)
+        return plan(inputs, as_dict, kwargs)
+
+    def _plan(self, signature: str | None) -> _Plan:
+        plan: _Plan
+        if signature is None:
+            if callable(self._obj):
+                plan = _CallablePlan(self._tf, self._obj, self._handle)
+            else:
+                name = default_signature(list(self._functions), handle=self._handle)
+                plan = self._plans.get(name) or self._plan(name)
+        else:
+            fn = self._functions.get(signature)
+            if fn is None:
+                available = ", ".join(sorted(self._functions)) or "none"
+                raise SignatureError(
+                    f"module {self._handle!r} has no signature {signature!r}; it has: {available}",
+                    handle=self._handle,
+                )
+            plan = _SignaturePlan(self._tf, fn, self._signatures[signature], self._handle)
+        # Two threads may race to build the same plan; both results are equivalent.
+        self._plans[signature] = plan
+        return plan
+
+    @property
+    def signatures(self) -> Mapping[str, SignatureInfo]:
+        """Signature name to its inputs and outputs (read-only)."""
+        return self._signatures
+
+    @property
+    def variables(self) -> list[tf.Variable]:
+        """The SavedModel's ``variables`` attribute, or ``[]`` where it has none."""
+        return list(getattr(self._obj, "variables", ()))
+
+    @property
+    def trainable_variables(self) -> list[tf.Variable]:
+        """The SavedModel's ``trainable_variables`` attribute, or ``[]``."""
+        return list(getattr(self._obj, "trainable_variables", ()))
+
+    @property
+    def regularization_losses(self) -> list[Callable[[], Any]]:
+        """The SavedModel's ``regularization_losses``: functions of no arguments, or ``[]``."""
+        return list(getattr(self._obj, "regularization_losses", ()))
+
+    @property
+    def path(self) -> Path:
+        """The SavedModel directory."""
+        return self._path
+
+    @property
+    def handle(self) -> str:
+        """The handle the module was loaded from."""
+        return self._handle
+
+    @property
+    def obj(self) -> Any:
+        """The object ``tf.saved_model.load`` returned."""
+        return self._obj
+
+    def __repr__(self) -> str:
+        extra = ", callable=True" if callable(self._obj) else ""
+        return f"Module(handle={self._handle!r}, signatures={sorted(self._signatures)!r}{extra})"
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def load_module(
+    path: Path,
+    *,
+    handle: str,
+    tags: Iterable[str] | None = None,
+    options: tf.saved_model.LoadOptions | None = None,
+) -> Module:
+    """Load the SavedModel in ``path`` with ``tf.saved_model.load`` and wrap it.
+
+    ``tags`` picks one MetaGraph of a SavedModel that has several. Raises
+    :class:`ModuleError` if ``path`` holds no ``saved_model.pb``/``.pbtxt`` or
+    TensorFlow cannot load it. Blocking: call it in a worker thread from async code.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise ModuleError(f"module {handle!r}: {path} {what}", handle=handle)
+    if not any((path / name).is_file() for name in _SAVED_MODEL_FILES):
+        raise ModuleError(
+            f"module {handle!r}: {path} is not a SavedModel, it holds no "
+            f"{' or '.join(_SAVED_MODEL_FILES)}; {_describe_dir(path)}",
+            handle=handle,
+        )
+    tf = import_tensorflow()
+    # A lone string is an iterable of characters; nobody means that.
+    tag_list = [tags] if isinstance(tags, str) else None if tags is None else list(tags)
+    try:
+        obj = tf.saved_model.load(str(path), tags=tag_list, options=options)
+    except Exception as exc:  # TensorFlow raises many unrelated types here; wrap them all
+        with_tags = f" with tags={sorted(tag_list)!r}" if tag_list is not None else ""
+        raise ModuleError(
+            f"module {handle!r}: TensorFlow could not load the SavedModel in {path}"
+            f"{with_tags}: {exc}",
+            handle=handle,
+        ) from exc
+    return Module(obj, path=path, handle=handle)
+
+
+def _describe_dir(path: Path) -> str:
+    """A short listing of ``path`` for error messages, with a hint if the model is nested."""
+    try:
+        entries = sorted(path.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        return f"it cannot be listed ({exc.strerror or exc})"
+    if not entries:
+        return "it is empty"
+    names = [e.name + ("/" if e.is_dir() else "") for e in entries[:_LISTING_LIMIT]]
+    if len(entries) > _LISTING_LIMIT:
+        names.append(f"... and {len(entries) - _LISTING_LIMIT} more")
+    text = "it holds: " + ", ".join(names)
+    nested = [
+        e for e in entries if e.is_dir() and any((e / n).is_file() for n in _SAVED_MODEL_FILES)
+    ]
+    if len(nested) == 1:
+        text += f" (did you mean {nested[0]}?)"
+    elif any(e.name == "tfhub_module.pb" for e in entries):
+        text += " (that is the TF1 Hub format, which only tensorflow_hub's hub.Module reads)"
+    return text
