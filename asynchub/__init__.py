@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from ._config import Retries, Timeouts
+from ._export import export
 from ._hub import AsyncHub
 from ._module import Module, SignatureInfo, TensorInfo
+from ._pack import pack
 from ._progress import ProgressEvent, ProgressKind
 from ._sync import Hub, aload, aprefetch, aresolve, load, prefetch, resolve
 from .errors import (
@@ -56,7 +58,9 @@ __all__ = [
     "aload",
     "aprefetch",
     "aresolve",
+    "export",
     "load",
+    "pack",
     "prefetch",
     "resolve",
 ]

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m asynchub.demo", description=__doc__)
     parser.add_argument("--keep", action="store_true", help="keep the work dir and print it")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TF logs a CUDA probe failure at ERROR level on CPU-only machines; the demo is CPU-only.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     import numpy as np
 

@@ -1,0 +1,94 @@
+"""The ``asynchub`` command line: ``asynchub pack`` and ``asynchub serve``.
+
+Heavy parts (the server, uvicorn, TensorFlow) are imported inside the commands, so
+``asynchub --help`` stays fast. Failures exit with status 1 and print a one-line
+``error: ...`` on stderr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import __version__
+from .errors import HubError, MissingDependencyError
+
+try:
+    import click
+except ImportError as exc:  # pragma: no cover - exercised without the cli extra only
+    raise MissingDependencyError(
+        f'the asynchub command line needs click ({exc}): pip install "asynchub[cli]"'
+    ) from exc
+
+__all__ = ["main"]
+
+
+def _fail(exc: BaseException) -> click.exceptions.Exit:
+    """Print ``error: <message on one line>`` to stderr; return the exit to raise (status 1).
+
+    The same form as the hub commands (``_cli_hub``), so scripts parse one shape.
+    """
+    click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+    return click.exceptions.Exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, message="%(prog)s %(version)s")
+def main() -> None:
+    """Create, host and load TensorFlow Hub-style modules."""
+
+
+@main.command()
+@click.argument("src_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def pack(src_dir: Path, out: Path) -> None:
+    """Pack the module directory SRC_DIR into the tar.gz archive OUT.
+
+    The same directory always gives byte-identical archives (sorted members, owner 0,
+    fixed mtimes and modes). Serve the archive as NAME/VERSION.tar.gz, or anywhere a
+    hub handle can point.
+    """
+    from ._pack import pack as pack_dir
+
+    try:
+        archive = pack_dir(src_dir, out)
+    except HubError as exc:
+        raise _fail(exc) from exc
+    click.echo(f"{out} ({archive.stat().st_size} bytes)")
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where directories packed on demand are kept (default: a temp dir, removed on exit).",
+)
+def serve(root: Path, host: str, port: int, cache_dir: Path | None) -> None:
+    """Serve the modules under ROOT over HTTP, the TF Hub way.
+
+    ROOT holds NAME/VERSION/ SavedModel directories and/or prebuilt NAME/VERSION.tar.gz
+    archives; NAME may contain slashes. A client fetches NAME/VERSION with
+    ?tf-hub-format=compressed; a browser gets a page about the module.
+    """
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as exc:
+        raise _fail(
+            MissingDependencyError(
+                f'serving needs the server extra ({exc}): pip install "asynchub[server]"'
+            )
+        ) from exc
+    try:
+        app = create_app(root, cache_dir=cache_dir)
+    except HubError as exc:
+        raise _fail(exc) from exc
+    uvicorn.run(app, host=host, port=port)
+
+
+if __name__ == "__main__":
+    main(prog_name="asynchub")
