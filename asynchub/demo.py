@@ -10,14 +10,10 @@ memory. Nothing leaves the machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +38,6 @@ def build_model(seed: int = 0) -> Any:
     x = keras.layers.Dropout(0.2)(x)
     outputs = keras.layers.Dense(10, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="demo_mlp")
-
-
-@contextlib.contextmanager
-def serving(root: Path) -> Iterator[str]:
-    """Run the hosting app with uvicorn on a free port of 127.0.0.1; yield its base URL."""
-    import uvicorn
-
-    from .server import create_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(root), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the demo server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 async def consume(url: str, cache_dir: Path, x: Any) -> dict[str, Any]:
@@ -125,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         x = np.random.default_rng(0).normal(size=(4, 16)).astype("float32")
         expected = np.asarray(model(x, training=False))
 
-        with serving(root) as base:
+        from .server import create_app, serve_in_thread
+
+        with serve_in_thread(create_app(root)) as base:
             url = f"{base}/demo/mlp/1"
             _say("serve", f"{base}/ (asynchub serve {root.relative_to(work)})")
             result = anyio.run(consume, url, work / "cache", x)

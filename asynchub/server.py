@@ -25,7 +25,7 @@ import shutil
 import tarfile
 import tempfile
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ __all__ = [
     "locate",
     "requested_formats",
     "scan",
+    "serve_in_thread",
     "split_module_path",
 ]
 
@@ -588,3 +589,35 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a daemon thread; yield its base URL; stop it on exit.
+
+    ``port=0`` picks a free port. For notebooks, tests and the demo: a
+    production server is ``asynchub serve``.
+    """
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {host}:{bound} did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{bound}" if ":" not in host else f"http://[{host}]:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
