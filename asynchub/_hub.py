@@ -6,12 +6,12 @@ import functools
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import anyio
 import httpx
@@ -484,10 +484,12 @@ class AsyncHub:
                                     url=url,
                                 )
                             )
-                        async for chunk in response.aiter_raw():
-                            state.received += len(chunk)
-                            await send.send(chunk)
-                            self._emit_bytes(parsed, state)
+                        raw = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+                        async with aclosing(raw) as body:
+                            async for chunk in body:
+                                state.received += len(chunk)
+                                await send.send(chunk)
+                                self._emit_bytes(parsed, state)
                     return
                 except (httpx.TransportError, httpx.StreamError) as exc:
                     error = _network_error(parsed, url, exc, state.received)
