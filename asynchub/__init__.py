@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing as _typing
+
 from ._config import Retries, Timeouts
 from ._export import export
 from ._hub import AsyncHub
@@ -27,6 +29,9 @@ from .errors import (
     UnsafeArchiveError,
 )
 
+if _typing.TYPE_CHECKING:
+    from ._keras import KerasLayer
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -39,6 +44,7 @@ __all__ = [
     "Hub",
     "HubClosedError",
     "HubError",
+    "KerasLayer",
     "LockTimeoutError",
     "MissingDependencyError",
     "Module",
@@ -64,3 +70,18 @@ __all__ = [
     "prefetch",
     "resolve",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    # KerasLayer subclasses keras.layers.Layer, so defining it imports Keras and
+    # TensorFlow (seconds); that happens on first use, never at `import asynchub`.
+    if name == "KerasLayer":
+        from ._keras import KerasLayer
+
+        globals()[name] = KerasLayer
+        return KerasLayer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
