@@ -5,6 +5,7 @@ from __future__ import annotations
 import typing as _typing
 
 from ._config import Retries, Timeouts
+from ._display import ProgressDisplay
 from ._export import export
 from ._hub import AsyncHub
 from ._module import Module, SignatureInfo, TensorInfo
@@ -52,6 +53,7 @@ __all__ = [
     "NetworkError",
     "OfflineError",
     "PrefetchError",
+    "ProgressDisplay",
     "ProgressEvent",
     "ProgressKind",
     "Retries",

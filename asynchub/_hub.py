@@ -11,7 +11,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast, overload
 
 import anyio
 import httpx
@@ -200,6 +200,24 @@ class AsyncHub:
         return await to_thread.run_sync(
             functools.partial(load_module, path, handle=text, tags=tags, options=options)
         )
+
+    @overload
+    async def prefetch(
+        self,
+        handles: Iterable[Handle],
+        *,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[Path]: ...
+
+    @overload
+    async def prefetch(
+        self,
+        handles: Iterable[Handle],
+        *,
+        max_concurrency: int | None = ...,
+        return_exceptions: bool,
+    ) -> list[Path | HubError]: ...
 
     async def prefetch(
         self,

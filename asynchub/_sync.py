@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -130,6 +130,24 @@ class Hub:
     ) -> Module:
         """See :meth:`AsyncHub.load`."""
         return self._call(self._hub.load, handle, tags=tags, options=options)
+
+    @overload
+    def prefetch(
+        self,
+        handles: Iterable[Handle],
+        *,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[Path]: ...
+
+    @overload
+    def prefetch(
+        self,
+        handles: Iterable[Handle],
+        *,
+        max_concurrency: int | None = ...,
+        return_exceptions: bool,
+    ) -> list[Path | HubError]: ...
 
     def prefetch(
         self,

@@ -1,4 +1,4 @@
-"""The ``asynchub`` command line: ``asynchub pack`` and ``asynchub serve``.
+"""The ``asynchub`` command line: prefetch, resolve, cache, pack and serve.
 
 Heavy parts (the server, uvicorn, TensorFlow) are imported inside the commands, so
 ``asynchub --help`` stays fast. Failures exit with status 1 and print a one-line
@@ -89,6 +89,11 @@ def serve(root: Path, host: str, port: int, cache_dir: Path | None) -> None:
         raise _fail(exc) from exc
     uvicorn.run(app, host=host, port=port)
 
+
+from ._cli_hub import COMMANDS as _HUB_COMMANDS  # noqa: E402  (after main is defined)
+
+for _command in _HUB_COMMANDS:
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main(prog_name="asynchub")

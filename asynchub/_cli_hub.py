@@ -1,0 +1,418 @@
+"""The ``prefetch``, ``resolve`` and ``cache`` commands of the ``asynchub`` command line.
+
+``asynchub.cli`` adds :data:`COMMANDS` to its click group. Every command exits
+non-zero with a one-line ``error: …`` on stderr when a HubError stops it, and
+prints machine-readable JSON with ``--json`` (keys documented in docs/caching.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import click
+
+from . import _cachetools as tools
+from ._config import default_cache_dir
+from ._display import ProgressDisplay, error_text, format_bytes
+from ._handles import cache_key
+from ._progress import ProgressEvent
+from .errors import HubError
+
+__all__ = ["COMMANDS", "parse_duration"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    """``"30d"``, ``"12h"``, ``"90m"``, ``"45s"``, ``"2w"`` or a sum like ``"1d12h"``.
+
+    Raises ValueError with the accepted forms for anything else.
+    """
+    spec = text.strip().lower()
+    pos = 0
+    seconds = 0.0
+    for match in _DURATION.finditer(spec):
+        if match.start() != pos:
+            break
+        seconds += float(match[1]) * _UNITS[match[2]]
+        pos = match.end()
+    if not spec or pos != len(spec):
+        raise ValueError(
+            f"invalid duration {text!r}: use a number and a unit s, m, h, d or w "
+            "(e.g. 30d, 12h, 90m, 1d12h)"
+        )
+    return datetime.timedelta(seconds=seconds)
+
+
+def _duration_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> datetime.timedelta | None:
+    # A callback rather than a ParamType subclass: ParamType is generic only in newer clicks.
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn a HubError into ``error: <message on one line>`` on stderr and exit status 1.
+
+    The same form as ``asynchub.cli``'s own commands, so scripts parse one shape.
+    """
+    try:
+        yield
+    except HubError as exc:
+        click.echo(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", err=True)
+        raise click.exceptions.Exit(1) from exc
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _cache_dir_option(func: _F) -> _F:
+    return click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="The cache dir (default: $TFHUB_CACHE_DIR, else <tmp>/tfhub_modules).",
+    )(func)
+
+
+def _json_option(func: _F) -> _F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON (see docs).")(func)
+
+
+def _progress_callback(quiet: bool) -> tuple[Callable[[ProgressEvent], None], Any]:
+    """The hub's progress callback: rich on a terminal, plain lines elsewhere, none if quiet."""
+    if quiet:
+        return (lambda event: None), None
+    display = ProgressDisplay()
+    return display, display
+
+
+# -- prefetch / resolve --------------------------------------------------------------
+
+
+def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str]:
+    out = list(handles)
+    if from_file is not None:
+        for line in from_file:
+            text = line.strip()
+            if text and not text.startswith("#"):
+                out.append(text)
+    return out
+
+
+@click.command("prefetch")
+@click.argument("handles", nargs=-1, metavar="HANDLE...")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Downloads at once.")
+@_cache_dir_option
+@click.option(
+    "--from-file",
+    type=click.File("r"),
+    default=None,
+    help="Read more handles from FILE, one a line ('#' comments; '-' is stdin).",
+)
+@click.option("--offline", is_flag=True, help="Use the cache only; fail for anything missing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@_json_option
+def prefetch_command(
+    handles: tuple[str, ...],
+    jobs: int | None,
+    cache_dir: Path | None,
+    from_file: IO[str] | None,
+    offline: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Download HANDLEs into the cache, several at once.
+
+    Prints each handle's path (or its error) in input order; exits 1 if any
+    failed. Progress goes to stderr: live bars on a terminal, plain lines
+    elsewhere.
+    """
+    from ._hub import AsyncHub
+
+    wanted = _read_handles(handles, from_file)
+    if not wanted:
+        raise click.UsageError("no handles given (pass HANDLE... or --from-file FILE)")
+    callback, display = _progress_callback(quiet)
+
+    async def run() -> Sequence[Path | HubError]:
+        async with AsyncHub(
+            cache_dir=cache_dir,
+            offline=True if offline else None,
+            max_concurrency=jobs,
+            progress=callback,
+        ) as hub:
+            return await hub.prefetch(wanted, return_exceptions=True)
+
+    with _errors():
+        if display is not None:
+            display.start()
+        try:
+            results = _run(run)
+        finally:
+            if display is not None:
+                display.stop()
+    failed = [(h, r) for h, r in zip(wanted, results, strict=True) if isinstance(r, HubError)]
+    distinct = len(set(wanted))
+    failed_distinct = len({h for h, _ in failed})
+    if as_json:
+        _emit_json(
+            {
+                "results": [_result_json(h, r) for h, r in zip(wanted, results, strict=True)],
+                "total": distinct,
+                "failed": failed_distinct,
+            }
+        )
+    else:
+        for handle, result in zip(wanted, results, strict=True):
+            if not isinstance(result, HubError):
+                click.echo(f"{result}\t{handle}")
+    seen: set[str] = set()
+    for handle, error in failed:
+        if handle not in seen:
+            seen.add(handle)
+            click.echo(f"failed: {handle}: {error_text(error, handle)}", err=True)
+    if failed:
+        click.echo(f"error: {failed_distinct} of {distinct} handles failed", err=True)
+        raise click.exceptions.Exit(1)
+
+
+def _result_json(handle: str, result: Path | HubError) -> dict[str, Any]:
+    if isinstance(result, HubError):
+        return {
+            "handle": handle,
+            "key": cache_key(handle),
+            "ok": False,
+            "path": None,
+            "error": _first_line(result),
+            "error_type": type(result).__name__,
+        }
+    return {
+        "handle": handle,
+        "key": cache_key(handle),
+        "ok": True,
+        "path": str(result),
+        "error": None,
+        "error_type": None,
+    }
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+@click.command("resolve")
+@click.argument("handle")
+@_cache_dir_option
+@click.option("--offline", is_flag=True, help="Use the cache only; fail if it is missing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@_json_option
+def resolve_command(
+    handle: str, cache_dir: Path | None, offline: bool, quiet: bool, as_json: bool
+) -> None:
+    """Fetch HANDLE into the cache if needed and print its local path."""
+    from ._hub import AsyncHub
+
+    callback, display = _progress_callback(quiet)
+
+    async def run() -> Path:
+        async with AsyncHub(
+            cache_dir=cache_dir, offline=True if offline else None, progress=callback
+        ) as hub:
+            return await hub.resolve(handle)
+
+    with _errors():
+        if display is not None:
+            display.start()
+        try:
+            path = _run(run)
+        finally:
+            if display is not None:
+                display.stop()
+    if as_json:
+        _emit_json({"handle": handle, "path": str(path)})
+    else:
+        click.echo(str(path))
+
+
+def _run(func: Callable[[], Awaitable[_T]]) -> _T:
+    import anyio
+
+    try:
+        return anyio.run(func)
+    except KeyboardInterrupt:
+        # The core has removed its .tmp dirs and locks on the way out.
+        click.echo("error: interrupted", err=True)
+        raise click.exceptions.Exit(130) from None
+
+
+# -- cache ----------------------------------------------------------------------------
+
+
+@click.group("cache")
+def cache_group() -> None:
+    """Inspect and tidy the module cache (shared with tensorflow_hub)."""
+
+
+def _dir(cache_dir: Path | None) -> Path:
+    return cache_dir if cache_dir is not None else default_cache_dir()
+
+
+@cache_group.command("path")
+@_cache_dir_option
+@_json_option
+def cache_path(cache_dir: Path | None, as_json: bool) -> None:
+    """Print the cache dir in use (it need not exist yet)."""
+    path = _dir(cache_dir)
+    if as_json:
+        _emit_json({"cache_dir": str(path), "exists": path.is_dir()})
+    else:
+        click.echo(str(path))
+
+
+@cache_group.command("ls")
+@_cache_dir_option
+@_json_option
+def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
+    """List the entries: key, size, when fetched, status, handle."""
+    root = _dir(cache_dir)
+    with _errors():
+        entries = tools.list_entries(root)
+    if as_json:
+        _emit_json({"cache_dir": str(root), "entries": [e.to_json() for e in entries]})
+        return
+    if not entries:
+        click.echo(f"no entries in {root}", err=True)
+        return
+    for e in entries:
+        fetched = e.fetched.astimezone().strftime("%Y-%m-%d %H:%M") if e.fetched else "-"
+        status = "downloading" if e.locked else "complete" if e.complete else "INCOMPLETE"
+        click.echo(
+            f"{e.key[:12]}  {_human(e.size):>10}  {fetched:16}  {status:11}  {e.handle or '?'}"
+        )
+    total = sum(e.size for e in entries)
+    click.echo(f"{len(entries)} entries, {_human(total)} in {root}", err=True)
+
+
+def _human(n: int) -> str:
+    return format_bytes(n)
+
+
+def _print_removals(removals: list[tools.Removal], dry_run: bool, as_json: bool) -> None:
+    total = sum(r.size for r in removals)
+    if as_json:
+        _emit_json({"dry_run": dry_run, "removed": [r.to_json() for r in removals], "bytes": total})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in removals:
+        click.echo(f"{verb} {r.kind:10} {r.path}  ({_human(r.size)}; {r.reason})")
+    click.echo(f"{verb} {len(removals)} paths, {_human(total)}", err=True)
+
+
+@cache_group.command("rm")
+@click.argument("handle_or_key", metavar="HANDLE|KEY")
+@_cache_dir_option
+@click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
+@_json_option
+def cache_rm(handle_or_key: str, cache_dir: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Remove one entry, named by its handle or its key (refused while it downloads)."""
+    with _errors():
+        removals = tools.remove(_dir(cache_dir), handle_or_key, dry_run=dry_run)
+    _print_removals(removals, dry_run, as_json)
+
+
+@cache_group.command("prune")
+@_cache_dir_option
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    default=None,
+    callback=_duration_option,
+    help="Also remove entries fetched longer ago than this (30d, 12h, 90m, 2w).",
+)
+@click.option("--incomplete", is_flag=True, help="Also remove entries that are not complete.")
+@click.option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
+@_json_option
+def cache_prune(
+    cache_dir: Path | None,
+    older_than: datetime.timedelta | None,
+    incomplete: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove leftover download dirs and stale locks, and the entries asked for.
+
+    Anything a live process is downloading is left alone.
+    """
+    with _errors():
+        removals = tools.prune(
+            _dir(cache_dir), older_than=older_than, incomplete=incomplete, dry_run=dry_run
+        )
+    _print_removals(removals, dry_run, as_json)
+
+
+@cache_group.command("verify")
+@_cache_dir_option
+@_json_option
+def cache_verify(cache_dir: Path | None, as_json: bool) -> None:
+    """Check every entry against its completeness record; exit 1 if any is incomplete."""
+    root = _dir(cache_dir)
+    with _errors():
+        checks = tools.verify(root)
+    bad = [c for c in checks if not c.complete]
+    if as_json:
+        _emit_json(
+            {"cache_dir": str(root), "ok": not bad, "entries": [c.to_json() for c in checks]}
+        )
+    else:
+        for c in checks:
+            if c.complete:
+                note = "" if c.has_manifest else " (no manifest: saved_model.pb present)"
+                click.echo(f"ok          {c.key[:12]}  {c.handle or '?'}{note}")
+                continue
+            click.echo(f"INCOMPLETE  {c.key[:12]}  {c.handle or '?'}: {c.problem}")
+            for rel in c.missing:
+                click.echo(f"    missing     {rel}")
+            for rel, want, have in c.wrong_size:
+                click.echo(f"    wrong size  {rel}: {have} bytes, expected {want}")
+        click.echo(f"{len(checks) - len(bad)} of {len(checks)} entries complete", err=True)
+    if bad:
+        raise click.exceptions.Exit(1)
+
+
+#: The commands ``asynchub.cli`` registers into its group.
+COMMANDS: list[click.Command] = [prefetch_command, resolve_command, cache_group]
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    """Run these commands under a stand-alone group (for tests, until cli.py adds them)."""
+    group = click.Group(
+        "asynchub",
+        help="asynchub: TensorFlow Hub-style modules, async-first.",
+        context_settings={"help_option_names": ["-h", "--help"]},  # as asynchub.cli.main
+    )
+    for command in COMMANDS:
+        group.add_command(command)
+    group.main(args=list(argv) if argv is not None else None, prog_name="asynchub")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main(sys.argv[1:])

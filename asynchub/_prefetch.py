@@ -1,0 +1,159 @@
+"""Batch prefetch: resolve many handles at once, collecting failures instead of stopping."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast, overload
+
+import anyio
+from anyio import to_thread
+
+from . import _cache as cache
+from ._handles import HandleKind, parse
+from ._types import Handle
+from .errors import HubError, PrefetchError
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+if TYPE_CHECKING:
+    from ._hub import AsyncHub
+
+__all__ = ["prefetch"]
+
+_SHOWN = 5  # failed handles named in a PrefetchError's message; .exceptions holds them all
+
+
+@overload
+async def prefetch(
+    hub: AsyncHub,
+    handles: Iterable[Handle],
+    *,
+    max_concurrency: int | None = ...,
+    return_exceptions: Literal[False] = ...,
+) -> list[Path]: ...
+
+
+@overload
+async def prefetch(
+    hub: AsyncHub,
+    handles: Iterable[Handle],
+    *,
+    max_concurrency: int | None = ...,
+    return_exceptions: bool,
+) -> list[Path | HubError]: ...
+
+
+async def prefetch(
+    hub: AsyncHub,
+    handles: Iterable[Handle],
+    *,
+    max_concurrency: int | None = None,
+    return_exceptions: bool = False,
+) -> list[Path] | list[Path | HubError]:
+    """Resolve every handle concurrently; return their paths in input order.
+
+    Each distinct handle is resolved once. A HubError for one handle does not
+    stop the others: when all have finished, a :class:`PrefetchError` holds one
+    error per failed handle, or with ``return_exceptions=True`` the errors stand
+    in the list in place of paths. Any other exception (a bug, misuse) cancels
+    the rest and propagates. ``max_concurrency`` bounds this call's downloads;
+    the hub's own limiter still bounds downloads across all calls.
+    """
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+    hub._check_open()
+    items = list(handles)
+    # One task per distinct handle text: the cache key is the text, so "m" and
+    # Path("m") are one module, and its failure is reported once.
+    keys = [_dedupe_key(handle, index) for index, handle in enumerate(items)]
+    distinct: dict[str, Handle] = {}
+    for key, handle in zip(keys, items, strict=True):
+        distinct.setdefault(key, handle)
+    limiter = anyio.CapacityLimiter(max_concurrency) if max_concurrency else None
+    results: dict[str, Path | HubError] = {}
+
+    async def one(key: str, handle: Handle) -> None:
+        try:
+            # Hits skip this call's limiter, so they return at once even while
+            # the slots are busy with downloads.
+            if limiter is None or await _needs_no_download(hub, handle):
+                results[key] = await hub.resolve(handle)
+            else:
+                async with limiter:
+                    results[key] = await hub.resolve(handle)
+        except HubError as exc:
+            if exc.handle is None:
+                exc.handle = key
+            results[key] = exc
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for key, handle in distinct.items():
+                tg.start_soon(one, key, handle, name=f"prefetch {key}")
+    except BaseExceptionGroup as group:
+        _reraise(group)
+
+    ordered = [results[key] for key in keys]
+    # In input order, not completion order, so the report is the same every run.
+    failed = [(key, r) for key in distinct if isinstance(r := results[key], HubError)]
+    if return_exceptions:
+        return ordered
+    if failed:
+        raise PrefetchError(_message(failed, len(distinct)), [error for _, error in failed])
+    return cast(list[Path], ordered)
+
+
+def _dedupe_key(handle: object, index: int) -> str:
+    if isinstance(handle, (str, os.PathLike)):
+        text = os.fspath(handle)
+        if isinstance(text, str):
+            return text
+    # Not a handle at all: resolve() will say so; keep each one apart.
+    return f"<handle #{index}: {handle!r}>"
+
+
+async def _needs_no_download(hub: AsyncHub, handle: Handle) -> bool:
+    """True when resolve() will not download: a local dir, a complete entry, or offline."""
+    if hub.config.offline:
+        return True
+    if isinstance(handle, str) and handle[:8].lower().startswith(("http://", "https://")):
+        parsed = parse(handle)  # pure string work, as in AsyncHub._parse
+    else:
+        parsed = await to_thread.run_sync(parse, handle)
+    if parsed.kind is HandleKind.DIRECTORY:
+        return True
+    entry = cache.Entry(hub.config.cache_dir, parsed.key)
+    return await to_thread.run_sync(cache.is_complete, entry)
+
+
+def _message(failed: list[tuple[str, HubError]], total: int) -> str:
+    shown = ", ".join(f"{key} ({type(error).__name__})" for key, error in failed[:_SHOWN])
+    more = f", and {len(failed) - _SHOWN} more" if len(failed) > _SHOWN else ""
+    return f"{len(failed)} of {total} handles failed: {shown}{more}"
+
+
+def _reraise(group: BaseExceptionGroup[BaseException]) -> None:
+    """Raise a lone bug as itself rather than wrapped; several stay grouped.
+
+    The task group cancels the other tasks when one raises, so the group holds
+    the real error plus cancellations, which are dropped here.
+    """
+    cancelled = anyio.get_cancelled_exc_class()
+    real, _rest = group.split(lambda exc: not isinstance(exc, cancelled))
+    if real is None:
+        raise group
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [real]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1:
+        raise leaves[0]
+    raise real
