@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import posixpath
+import sys
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -114,25 +115,28 @@ class _Inflater:
         head = self._fill_raw(512)
         # Read the content type only now: for a download it is known once bytes arrive.
         ctype = content_type() if callable(content_type) else content_type
-        self.kind = sniff(bytes(head), ctype)
-        self._raw = bytearray(head)
-        self._buf = bytearray()
+        self.kind = sniff(head[:512], ctype)
+        self._raw = head
         self._dec: Any = backend.decompressobj(wbits=31) if self.kind == "gzip" else None
+        self._head = b""  # the piece being read from, and the offset into it
+        self._off = 0
         self.raw_bytes = 0
 
-    def _fill_raw(self, n: int) -> bytearray:
-        buf = bytearray()
-        while len(buf) < n:
+    def _fill_raw(self, n: int) -> bytes:
+        pieces: list[bytes] = []
+        size = 0
+        while size < n:
             chunk = self._pull()
             if not chunk:
                 self._eof = True
                 break
-            buf += chunk
-        return buf
+            pieces.append(chunk)
+            size += len(chunk)
+        return b"".join(pieces)
 
     def _next_raw(self) -> bytes:
         if self._raw:
-            data, self._raw = bytes(self._raw), bytearray()
+            data, self._raw = self._raw, b""
             return data
         if self._eof:
             return b""
@@ -171,16 +175,28 @@ class _Inflater:
                 return out
 
     def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            piece = self._produce()
-            if not piece:
-                break
-            self._buf += piece
+        # Whole pieces are handed out as they are and only a piece that straddles
+        # the boundary is sliced: tarfile reads a MiB at a time, so most bytes are
+        # never copied here.
         if n < 0:
-            n = len(self._buf)
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
+            n = sys.maxsize
+        out: list[bytes] = []
+        while n > 0:
+            if self._off >= len(self._head):
+                self._head, self._off = self._produce(), 0
+                if not self._head:
+                    break
+            available = len(self._head) - self._off
+            if self._off == 0 and available <= n:
+                out.append(self._head)
+                self._off = available
+                n -= available
+            else:
+                take = min(available, n)
+                out.append(self._head[self._off : self._off + take])
+                self._off += take
+                n -= take
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def drain(self) -> None:
         """Consume what is left, so the producer is never left blocked."""

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncHub"]
 
-_STREAM_BUFFER = 8  # chunks in flight between the network task and the extraction thread
+_STREAM_BUFFER = 4  # pieces (of ~chunk_size) between the network task and the extractor
 _LOCK_POLL = (0.05, 1.0)  # first and longest wait between looks at another process's lock
 
 
@@ -504,10 +504,7 @@ class AsyncHub:
                             )
                         raw = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
                         async with aclosing(raw) as body:
-                            async for chunk in body:
-                                state.received += len(chunk)
-                                await send.send(chunk)
-                                self._emit_bytes(parsed, state)
+                            await self._forward(parsed, body, send, state)
                     return
                 except (httpx.TransportError, httpx.StreamError) as exc:
                     error = _network_error(parsed, url, exc, state.received)
@@ -527,6 +524,47 @@ class AsyncHub:
                         await anyio.sleep(retry_delay(resumes - 1, self.config.retries))
                         continue
                     raise _Retry(error) from exc
+
+    async def _forward(
+        self,
+        parsed: ParsedHandle,
+        body: AsyncIterator[bytes],
+        send: MemoryObjectSendStream[bytes],
+        state: _BodyState,
+    ) -> None:
+        """Pass ``body`` on in pieces of about ``chunk_size`` bytes.
+
+        The network yields ~64 KiB reads; joining them cuts the per-piece costs
+        (a hand-off to the extraction thread, a progress event) sixteenfold, and
+        those costs hold the GIL that concurrent downloads share. ``received``
+        counts only bytes passed on, and what is pending when the body is cut is
+        passed on first, so a Range resume starts exactly where they end.
+        """
+        limit = self.config.chunk_size
+        pending: list[bytes] = []
+        size = 0
+
+        async def flush() -> None:
+            nonlocal size
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            size = 0
+            state.received += len(data)
+            await send.send(data)
+            self._emit_bytes(parsed, state)
+
+        try:
+            async for chunk in body:
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= limit:
+                    await flush()
+        except (httpx.TransportError, httpx.StreamError):
+            if pending:
+                await flush()
+            raise
+        if pending:
+            await flush()
 
     @staticmethod
     def _check_status(parsed: ParsedHandle, response: httpx.Response) -> None:
