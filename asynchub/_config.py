@@ -13,6 +13,7 @@ __all__ = ["HubConfig", "Retries", "Timeouts"]
 ENV_CACHE_DIR = "TFHUB_CACHE_DIR"
 ENV_OFFLINE = "ASYNCHUB_OFFLINE"
 ENV_PROGRESS = "TFHUB_DOWNLOAD_PROGRESS"
+ENV_GZIP = "ASYNCHUB_GZIP"
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -91,6 +92,9 @@ class HubConfig:
     #: Bytes per chunk handed from the network to the extraction thread.
     chunk_size: int = 1024 * 1024
     progress: bool = False
+    #: The gzip implementation extraction uses ("isal", "zlib-ng", "zlib"); None picks
+    #: the fastest one installed.
+    gzip_backend: str | None = None
 
     @classmethod
     def from_env(
@@ -106,6 +110,7 @@ class HubConfig:
         lock_stale_after: float | None = None,
         lock_timeout: float | None = None,
         progress: bool | None = None,
+        gzip_backend: str | None = None,
     ) -> HubConfig:
         """Build a config from keyword arguments, the environment filling what is not given."""
         if max_concurrency is not None and max_concurrency < 1:
@@ -124,6 +129,7 @@ class HubConfig:
             ),
             lock_timeout=lock_timeout,
             progress=env_flag(ENV_PROGRESS) if progress is None else progress,
+            gzip_backend=gzip_backend or os.environ.get(ENV_GZIP, "").strip().lower() or None,
         )
 
 

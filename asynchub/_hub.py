@@ -20,6 +20,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from . import _cache as cache
 from ._archive import Manifest, extract
+from ._archive import gzip_backend as find_gzip_backend
 from ._config import HubConfig, Retries, Timeouts
 from ._handles import HandleKind, ParsedHandle, parse
 from ._progress import ProgressEvent, ProgressKind
@@ -31,6 +32,7 @@ from .errors import (
     HubClosedError,
     HubError,
     LockTimeoutError,
+    MissingDependencyError,
     NetworkError,
     OfflineError,
 )
@@ -97,6 +99,7 @@ class AsyncHub:
         lock_timeout: float | None = None,
         progress: ProgressCallback | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        gzip_backend: str | None = None,
     ) -> None:
         self.config = HubConfig.from_env(
             cache_dir=cache_dir,
@@ -108,7 +111,15 @@ class AsyncHub:
             max_extract_bytes=max_extract_bytes,
             lock_stale_after=lock_stale_after,
             lock_timeout=lock_timeout,
+            gzip_backend=gzip_backend,
         )
+        try:  # a misspelt or missing back-end fails here, not in the middle of a download
+            find_gzip_backend(self.config.gzip_backend)
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"gzip back-end {self.config.gzip_backend!r} is not installed ({exc}); "
+                'pip install "asynchub[fast]" for isal, or pick another (ASYNCHUB_GZIP)'
+            ) from exc
         self._progress = progress
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -440,7 +451,11 @@ class AsyncHub:
             return from_thread.run(take)
 
         return extract(
-            pull, tmp, limit=self.config.max_extract_bytes, content_type=lambda: state.content_type
+            pull,
+            tmp,
+            limit=self.config.max_extract_bytes,
+            content_type=lambda: state.content_type,
+            backend=self.config.gzip_backend,
         )
 
     async def _produce_file(

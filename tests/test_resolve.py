@@ -467,3 +467,21 @@ async def test_two_processes_racing_make_one_get(
     assert "variables/variables.index" in results[0]["files"]
     assert len(server.gets("/m")) == 1
     assert not any(n.endswith((".tmp", ".lock")) for n in listing(cache_dir))
+
+
+@pytest.mark.parametrize("backend", ["zlib", "isal"])
+async def test_gzip_backend_can_be_chosen(
+    server: Server, cache_dir: Path, module: Path, backend: str
+) -> None:
+    url = server.add("/m", body=tar_bytes(module))
+    async with hub(cache_dir, gzip_backend=backend) as h:
+        assert h.config.gzip_backend == backend
+        assert tree(await h.resolve(url)) == tree(module)
+
+
+async def test_unknown_gzip_backend_is_refused_when_the_hub_is_made(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ASYNCHUB_GZIP", "brotli")
+    with pytest.raises(ValueError, match="unknown gzip backend 'brotli'"):
+        AsyncHub()
