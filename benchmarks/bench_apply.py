@@ -1,115 +1,118 @@
-"""The apply hot path: ``m(x)`` against TensorFlow's own calls, at batch size 1.
+"""The apply hot path: rows/s of ``m(x)`` beside TensorFlow's and tensorflow_hub's own calls.
 
-Run from the repository root::
-
-    python -m benchmarks.bench_apply [--number 2000] [--repeat 7] [--batch 1]
-
-It saves a 64 -> 32 dense module twice (once with only a ``serving_default``
-signature, once also callable), then times, interleaved so that drift hits every
-case alike, the best of ``--repeat`` rounds of ``--number`` calls each:
-
-- ``raw signature``: ``tf.saved_model.load(path).signatures[name](x=x)``, the baseline;
-- ``raw flat``: the concrete function's flat entry point, the floor asynchub aims at;
-- ``m(x)``: asynchub on the non-callable module, which resolves to the signature;
-- ``m(x, signature=)``: the same signature named explicitly;
-- ``raw obj(x)`` and ``m(x) callable``: the callable module, raw and through asynchub.
-
-The design goal is ``m(x) / raw signature <= 1.05``.
-
-Recorded on 2 shared CPU cores, TensorFlow 2.21, batch 1, µs per call (two runs):
-raw signature 130 / 149, raw flat 91 / 117, m(x) 89 / 116 (ratio 0.68 / 0.78),
-m(x, signature=) 90 / 104, raw obj(x) 227 / 221, m(x) callable 77 / 96. Before the
-plan (resolve, bind, ``convert_to_tensor`` and keyword call on every call): 1.10x.
+Each model (a tiny MLP, Keras MobileNetV2 at 224x224, both with random weights)
+is exported once with ``asynchub``'s ``export`` and loaded five ways; at each
+batch size every case is warmed up, checked against the baseline's output, then
+timed in interleaved rounds. The baseline is the raw keyword call
+``tf.saved_model.load(p).signatures[name](**{input: x})``; a ratio is the case's
+rows/s over the baseline's rows/s in the same round (> 1: faster).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
-import timeit
-from collections.abc import Callable
-from pathlib import Path
+import math
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from . import _harness as h
+from ._work import Section, Work, log
+
+BASELINE = "raw signature"
+#: Seconds one timed sample should last; shorter calls are repeated to fill it.
+_SAMPLE = 0.02
+#: Time budget (quick, full) for the timed rounds of one (model, batch); rounds stay within
+#: the bounds. Short samples, many rounds: on shared cores a neighbour's burst then spoils
+#: a few paired ratios, which the median drops, rather than a few long samples.
+_BUDGET = (3.0, 8.0)
+_ROUNDS = (3, 41)
 
 
-def build(tf: Any, path: Path, *, callable_: bool) -> None:
-    """Save a 64 -> 32 dense layer; with ``callable_`` it also has a restored ``__call__``."""
-    module = tf.Module()
-    module.w = tf.Variable(tf.random.stateless_normal([64, 32], seed=[1, 2]))
-    module.b = tf.Variable(tf.zeros([32]))
-    spec = [tf.TensorSpec([None, 64], tf.float32, name="x")]
+def _cases(tf: Any, path: str) -> tuple[dict[str, Any], Any]:
+    import tensorflow_hub as thub
+    import tf_keras
 
-    @tf.function(input_signature=spec)
-    def dense(x: Any) -> Any:
-        return tf.matmul(x, module.w) + module.b
+    import asynchub
 
-    if callable_:
-        module.__call__ = dense
-    tf.saved_model.save(
-        module, str(path), signatures={"serving_default": dense.get_concrete_function()}
-    )
-
-
-def measure(cases: dict[str, Callable[[], Any]], *, number: int, repeat: int) -> dict[str, float]:
-    """Best seconds per call for each case, the cases interleaved round by round."""
-    best = dict.fromkeys(cases, float("inf"))
-    for fn in cases.values():
-        fn()  # warm up: first calls trace, build plans and fill caches
-    for _ in range(repeat):
-        for name, fn in cases.items():
-            best[name] = min(best[name], timeit.timeit(fn, number=number) / number)
-    return best
+    raw = tf.saved_model.load(path)
+    sig = raw.signatures["serving_default"]
+    (name,) = sig.structured_input_signature[1]
+    m = asynchub.load(path)
+    peer = thub.load(path)
+    peer_sig = peer.signatures["serving_default"]
+    shape = sig.structured_input_signature[1][name].shape[1:]
+    keras_model = tf_keras.Sequential([tf_keras.Input(shape), thub.KerasLayer(path)])
+    # Each case returns the output tensor, so the check compares like with like.
+    cases = {
+        BASELINE: lambda x: sig(**{name: x})["default"],
+        "raw obj(x)": lambda x: raw(x),
+        "asynchub m(x)": lambda x: m(x),
+        "asynchub m(x, signature=)": lambda x: m(x, signature="serving_default"),
+        "hub.load signature": lambda x: peer_sig(**{name: x})["default"],
+        "hub.load obj(x)": lambda x: peer(x),
+        "hub.KerasLayer in tf_keras": lambda x: keras_model(x, training=False),
+    }
+    return cases, shape
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--number", type=int, default=2000, help="calls per round")
-    parser.add_argument("--repeat", type=int, default=7, help="rounds; the best is kept")
-    parser.add_argument("--batch", type=int, default=1)
-    args = parser.parse_args()
+def _measure(tf: Any, cases: dict[str, Any], x: Any, *, quick: bool) -> dict[str, list[float]]:
+    import numpy as np
 
+    expected = cases[BASELINE](x).numpy()
+    for label, fn in cases.items():
+        got = fn(x).numpy()  # also the first warm-up call: traces, plans, caches
+        if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"{label} disagrees with {BASELINE} at batch {x.shape[0]}")
+    number, single = h.calibrate(lambda: cases[BASELINE](x), _SAMPLE)
+    per_round = len(cases) * max(single * number, _SAMPLE)
+    budget = _BUDGET[0] if quick else _BUDGET[1]
+    rounds = max(_ROUNDS[0], min(_ROUNDS[1], math.floor(budget / per_round)))
+    if quick:
+        rounds = min(rounds, 3)
+    # A call of several seconds needs no warm-up round: the check above ran each case once.
+    warmup = 1 if single < 0.5 else 0
+    measures = {label: h.per_call(lambda fn=fn: fn(x), number) for label, fn in cases.items()}
+    return h.interleave(measures, rounds=rounds, warmup=warmup)
+
+
+def run(work: Work) -> list[Section]:
     import tensorflow as tf
 
-    from asynchub._module import load_module
-
-    with tempfile.TemporaryDirectory() as tmp:
-        plain, both = Path(tmp, "plain"), Path(tmp, "callable")
-        build(tf, plain, callable_=False)
-        build(tf, both, callable_=True)
-        raw = tf.saved_model.load(str(plain))
-        raw_callable = tf.saved_model.load(str(both))
-        m = load_module(plain, handle=str(plain))
-        mc = load_module(both, handle=str(both))
-
-    x = tf.random.stateless_normal([args.batch, 64], seed=[3, 4])
-    signature = raw.signatures["serving_default"]
-    captured = signature.captured_inputs
-    expected = signature(x=x)["output_0"].numpy()
-    for name, got in [("m(x)", m(x)), ("m(x) callable", mc(x)), ("raw obj(x)", raw_callable(x))]:
-        if not (got.numpy() == expected).all():
-            raise SystemExit(f"{name} disagrees with the raw signature call")
-
-    cases: dict[str, Callable[[], Any]] = {
-        "raw signature": lambda: signature(x=x),
-        "raw flat": lambda: signature._call_flat([x], captured),
-        "m(x)": lambda: m(x),
-        "m(x, signature=)": lambda: m(x, signature="serving_default"),
-        "m(x, as_dict=True)": lambda: m(x, as_dict=True),
-        "raw obj(x)": lambda: raw_callable(x),
-        "m(x) callable": lambda: mc(x),
-    }
-    best = measure(cases, number=args.number, repeat=args.repeat)
-    base = best["raw signature"]
-    print(f"batch {args.batch}, best of {args.repeat} x {args.number} calls, TF {tf.__version__}")
-    for name, seconds in best.items():
-        print(f"  {name:20s} {seconds * 1e6:8.1f} us   {seconds / base:5.2f}x raw signature")
-    ratio = best["m(x)"] / base
-    verdict = "within" if ratio <= 1.05 else "OUTSIDE"
-    print(f"m(x) / raw signature = {ratio:.3f} ({verdict} the 5% budget)")
-
-
-if __name__ == "__main__":
-    main()
+    batches = (1, 32) if work.quick else (1, 32, 256)
+    section = Section(
+        title="Apply: rows/s by batch size",
+        note=(
+            "Baseline: `tf.saved_model.load(p).signatures['serving_default'](**{name: x})`. "
+            "Ratio = rows/s ÷ the baseline's rows/s in the same round, median [min, max] "
+            "over rounds; > 1 is faster. Every case's output is checked against the "
+            "baseline's first. Models exported by `asynchub.export` with random weights; "
+            "`m(x)` calls the module's restored `__call__` (it is callable)."
+        ),
+        columns=["model", "batch", "case", "rows/s", "ratio", "µs/call", "rounds"],
+    )
+    for model in ("MLP", "MobileNetV2"):
+        path = str(work.keras_module(model))
+        cases, shape = _cases(tf, path)
+        for batch in batches:
+            x = tf.random.stateless_uniform([batch, *shape], seed=[1, batch])
+            log(f"apply: {model} batch {batch}")
+            samples = _measure(tf, cases, x, quick=work.quick)
+            ratios = h.ratio_to(samples, BASELINE)
+            for label, seconds in samples.items():
+                call = h.Spread.of(seconds)
+                rows = h.Spread.of([batch / s for s in seconds])
+                section.rows.append(
+                    [
+                        model,
+                        str(batch),
+                        label,
+                        rows.fmt(0),
+                        ratios[label].fmt(),
+                        f"{call.median * 1e6:,.0f}",
+                        str(len(seconds)),
+                    ]
+                )
+                section.data.setdefault(model, {}).setdefault(str(batch), {})[label] = {
+                    "seconds_per_call": seconds,
+                    "rows_per_s": rows.as_json(),
+                    "ratio": ratios[label].as_json(),
+                }
+    return [section]

@@ -1,131 +1,291 @@
-"""One big archive from a loopback server: asynchub's resolve beside ``curl | tar xz``.
+"""Fetching modules over HTTP: many at once, one big one, and a cache hit.
 
-    python -m benchmarks.bench_resolve [--model ResNet101] [--repeat 3]
+Archives are served by ``python -m http.server`` on 127.0.0.1, a static server
+that ignores the ``tf-hub-format`` query. Every timed run starts from an empty
+cache (made outside the timed region) and is checked afterwards: each module
+dir must hold its ``saved_model.pb`` and the expected number of bytes.
 
-Builds a Keras application with random weights (nothing is downloaded), saves
-it as a SavedModel, packs it, serves the directory with ``python -m http.server``
-on 127.0.0.1 (a static server that ignores the query, as many hosts do), then
-times, in the same run and alternating, a fresh ``asynchub`` resolve in a
-subprocess and ``curl -s URL | tar xz`` into an empty dir. Peak RSS is each
-child's own maximum resident set (``/usr/bin/time -f %M``).
+- prefetch: N handles to the same real archive (Keras MobileNetV2 alpha 1.4, TF
+  Hub's mobilenet_v2_140_224, random weights, exported and packed by asynchub)
+  under N names, so each is a distinct handle and a distinct download.
+  ``AsyncHub.prefetch`` at concurrency c against the shell's ``curl -s URL |
+  tar xz`` run by ``xargs -P c`` (the baseline), and tensorflow_hub's
+  ``hub.resolve`` one handle after another.
+- single archive: Keras ResNet101 (random weights, ~160 MB), one resolve.
+- cache hit: resolving a handle already in the cache, µs per call, in-process.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import os
 import shutil
-import socket
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-_RESOLVE = (
-    "import sys, anyio, asynchub\n"
-    "async def main():\n"
-    "    async with asynchub.AsyncHub(cache_dir=sys.argv[1]) as hub:\n"
-    "        await hub.resolve(sys.argv[2])\n"
-    "anyio.run(main)\n"
-)
+from . import _harness as h
+from ._work import MB, Section, Work, log, run_checked, static_server, tree_bytes
 
-
-def build_archive(model_name: str, out: Path) -> Path:
-    """Save ``keras.applications.<model_name>(weights=None)`` and pack it to ``out``."""
-    code = (
-        "import sys, keras, asynchub\n"
-        f"m = keras.applications.{model_name}(weights=None)\n"
-        "d = asynchub.export(m, sys.argv[1])\n"
-        "asynchub.pack(d, sys.argv[2])\n"
-    )
-    work = out.parent / "export"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    subprocess.run([sys.executable, "-c", code, str(work), str(out)], check=True, env=env)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
+CURL = "curl | tar xz"
+QUERY = "?tf-hub-format=compressed"
+#: What one `xargs` job runs: fetch URL $1 into the new dir $2, failing on any error.
+_FETCH = 'set -euo pipefail; mkdir -p "$2"; curl -sSf "$1" | tar xzf - -C "$2"'
 
 
-def timed(cmd: list[str], *, shell: bool = False) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of ``cmd``, measured by GNU time."""
-    report = tempfile.NamedTemporaryFile(suffix=".time", delete=False)
-    report.close()
-    timer = ["/usr/bin/time", "-o", report.name, "-f", "%M"]
-    full = [*timer, "bash", "-c", cmd[0]] if shell else [*timer, *cmd]
-    started = time.perf_counter()
-    subprocess.run(full, check=True)
-    elapsed = time.perf_counter() - started
-    rss = int(Path(report.name).read_text().split()[-1])
-    os.unlink(report.name)
-    return elapsed, rss
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="ResNet101")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="write the figures here too")
-    args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="asynchub-bench-"))
-    try:
-        archive = build_archive(args.model, work / "root" / "model.tar.gz")
-        size = archive.stat().st_size
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        server = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-            cwd=work / "root",
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}/model.tar.gz"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        rows: dict[str, list[tuple[float, int]]] = {"asynchub": [], "curl | tar xz": []}
+def _serve_copies(work: Work, archive: Path, n: int) -> Path:
+    """A web root holding ``archive`` under ``n`` names (hard links: one file, one page cache)."""
+    www = work.fresh_dir(f"www-{archive.stem}-{n}")
+    for i in range(n):
+        target = www / f"m{i}.tar.gz"
         try:
-            for i in range(args.repeat):
-                cache = work / f"cache{i}"
-                rows["asynchub"].append(timed([sys.executable, "-c", _RESOLVE, str(cache), url]))
-                shutil.rmtree(cache)
-                dest = work / f"curl{i}"
-                dest.mkdir()
-                rows["curl | tar xz"].append(
-                    timed([f"curl -s '{url}' | tar xz -C '{dest}'"], shell=True)
-                )
-                shutil.rmtree(dest)
+            os.link(archive, target)
+        except OSError:
+            shutil.copyfile(archive, target)
+    return www
+
+
+def _expect(paths: list[Path], size: int) -> None:
+    for path in paths:
+        got = tree_bytes(Path(path))
+        if got != size:
+            raise RuntimeError(f"{path} holds {got:,} bytes, expected {size:,}")
+
+
+def curl_case(work: Work, urls: list[str], parallel: int, size: int) -> h.Measure:
+    """``curl -s URL | tar xz`` for every URL, ``parallel`` at a time (``xargs -P``)."""
+    dest = work.root / f"curl-{parallel}"
+    dirs = [dest / str(i) for i in range(len(urls))]
+    jobs = "".join(f"{url}{QUERY}\n{d}\n" for url, d in zip(urls, dirs, strict=True))
+
+    def fetch() -> None:
+        run_checked(
+            ["xargs", "-P", str(parallel), "-n", "2", "bash", "-c", _FETCH, "fetch"],
+            input=jobs,
+        )
+
+    def setup() -> None:
+        shutil.rmtree(dest, ignore_errors=True)
+
+    return h.once(fetch, setup=setup, check=lambda _: _expect(dirs, size))
+
+
+def asynchub_case(work: Work, urls: list[str], concurrency: int, size: int) -> h.Measure:
+    """A fresh ``AsyncHub`` prefetching (or, for one URL, resolving) every URL."""
+    import anyio
+
+    import asynchub
+
+    cache = work.root / f"asynchub-{concurrency}"
+
+    async def fetch() -> list[Path]:
+        async with asynchub.AsyncHub(cache_dir=cache, max_concurrency=concurrency) as hub:
+            if len(urls) == 1:
+                return [await hub.resolve(urls[0])]
+            return list(await hub.prefetch(urls, max_concurrency=concurrency))  # type: ignore[arg-type]
+
+    def setup() -> None:
+        shutil.rmtree(cache, ignore_errors=True)
+
+    return h.once(lambda: anyio.run(fetch), setup=setup, check=lambda paths: _expect(paths, size))
+
+
+def tfhub_case(work: Work, urls: list[str], size: int) -> h.Measure:
+    """tensorflow_hub's ``hub.resolve`` for each URL in turn, into a fresh ``TFHUB_CACHE_DIR``."""
+    import tensorflow_hub as thub
+
+    cache = work.root / "tfhub"
+
+    def fetch() -> list[Path]:
+        return [Path(thub.resolve(url)) for url in urls]
+
+    def setup() -> None:
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ["TFHUB_CACHE_DIR"] = str(cache)
+
+    return h.once(fetch, setup=setup, check=lambda paths: _expect(paths, size))
+
+
+def _rows(
+    section: Section,
+    samples: dict[str, list[float]],
+    nbytes: int,
+    baselines: dict[str, str],
+    extra: Callable[[str], list[str]] = lambda _: [],
+) -> None:
+    """Rows of MB/s and the ratio to each case's baseline (given per case)."""
+    for label, seconds in samples.items():
+        base = baselines[label]
+        ratio = h.ratio_to({label: seconds, base: samples[base]}, base)[label]
+        mbps = h.Spread.of([nbytes / MB / s for s in seconds])
+        section.rows.append(
+            [label, f"{h.Spread.of(seconds).median:.2f}", mbps.fmt(0), ratio.fmt(), *extra(label)]
+        )
+        section.data[label] = {
+            "seconds": seconds,
+            "mb_per_s": mbps.as_json(),
+            "baseline": base,
+            "ratio": ratio.as_json(),
+        }
+
+
+def _prime(urls: list[str]) -> None:
+    """Read the served file once, so the first timed run does not pay for the disk."""
+    run_checked(["curl", "-sSf", "-o", os.devnull, urls[0]])
+
+
+def run_prefetch(work: Work) -> list[Section]:
+    if work.quick:
+        archive, n, levels, rounds = work.random_archive(4 * MB), 4, (1, 2, 4), 2
+    else:
+        archive, n, levels, rounds = work.keras_archive("MobileNetV2-1.4"), 16, (1, 2, 4, 8), 3
+    nbytes = archive.stat().st_size
+    size = tree_bytes(_extract_once(work, archive))
+    www = _serve_copies(work, archive, n)
+    with static_server(www) as base:
+        urls = [f"{base}/m{i}.tar.gz" for i in range(n)]
+        _prime(urls)
+        cases: dict[str, h.Measure] = {}
+        baselines: dict[str, str] = {}
+        for c in levels:
+            cases[f"{CURL}, xargs -P {c}"] = curl_case(work, urls, c, size)
+            cases[f"asynchub prefetch, concurrency {c}"] = asynchub_case(work, urls, c, size)
+            baselines[f"{CURL}, xargs -P {c}"] = f"{CURL}, xargs -P {c}"
+            baselines[f"asynchub prefetch, concurrency {c}"] = f"{CURL}, xargs -P {c}"
+        cases["tensorflow_hub hub.resolve, sequential"] = tfhub_case(work, urls, size)
+        baselines["tensorflow_hub hub.resolve, sequential"] = f"{CURL}, xargs -P 1"
+        log(f"prefetch: {n} x {nbytes / MB:.1f} MB, {rounds} rounds of {len(cases)} cases")
+        samples = h.interleave(cases, rounds=rounds, warmup=0)
+    shutil.rmtree(www)
+    peer = "tensorflow_hub hub.resolve, sequential"
+    what = (
+        "Random float32 module trees"
+        if work.quick
+        else "Keras MobileNetV2 (asynchub export + pack)"
+    )
+    section = Section(
+        title=f"Prefetch: {n} archives of {nbytes / MB:.1f} MB ({n * nbytes / MB:.0f} MB in all)",
+        note=(
+            f"{what}, served by `python -m http.server` on 127.0.0.1 under {n} names. "
+            "MB/s of archive bytes; ratio = speed ÷ the baseline's in the same round, median "
+            "[min, max], where the baseline is `curl -s URL | tar xz` run by `xargs -P` at the "
+            "same parallelism (at -P 1 for tensorflow_hub). `vs tensorflow_hub` = speed ÷ "
+            "tensorflow_hub's sequential resolve in the same round."
+        ),
+        columns=["case", "median s", "MB/s", "ratio vs curl", "vs tensorflow_hub"],
+    )
+    peer_ratio = h.ratio_to(samples, peer)
+    _rows(
+        section,
+        samples,
+        n * nbytes,
+        baselines,
+        extra=lambda label: [peer_ratio[label].fmt()],
+    )
+    for label in samples:
+        section.data[label]["vs_tensorflow_hub"] = peer_ratio[label].as_json()
+    return [section]
+
+
+def _extract_once(work: Work, archive: Path) -> Path:
+    """The archive extracted by tar, to learn the module's size for the checks."""
+    dest = work.fresh_dir(f"reference-{archive.stem}")
+    run_checked(["tar", "xzf", str(archive), "-C", str(dest)])
+    return dest
+
+
+def run(work: Work) -> list[Section]:
+    if work.quick:
+        archive, title, rounds = work.random_archive(24 * MB, seed=1), "random float32 tree", 2
+    else:
+        archive, title, rounds = work.keras_archive("ResNet101"), "Keras ResNet101", 3
+    nbytes = archive.stat().st_size
+    size = tree_bytes(_extract_once(work, archive))
+    www = _serve_copies(work, archive, 1)
+    with static_server(www) as base:
+        urls = [f"{base}/m0.tar.gz"]
+        _prime(urls)
+        cases = {
+            CURL: curl_case(work, urls, 1, size),
+            "asynchub AsyncHub.resolve": asynchub_case(work, urls, 1, size),
+            "tensorflow_hub hub.resolve": tfhub_case(work, urls, size),
+        }
+        log(f"resolve: {nbytes / MB:.0f} MB, {rounds} rounds")
+        samples = h.interleave(cases, rounds=rounds, warmup=0)
+        single = Section(
+            title=f"Resolve: one archive of {nbytes / MB:.0f} MB ({title})",
+            note=(
+                "Served by `python -m http.server` on 127.0.0.1; a fresh cache each run. MB/s "
+                "of archive bytes; ratio = speed ÷ `curl -s URL | tar xz`'s in the same round, "
+                "median [min, max]."
+            ),
+            columns=["case", "median s", "MB/s", "ratio vs curl"],
+        )
+        _rows(single, samples, nbytes, dict.fromkeys(samples, CURL))
+        hit = _cache_hit(work, urls[0], rounds=5 if work.quick else 10)
+    shutil.rmtree(www)
+    return [single, hit]
+
+
+@contextlib.contextmanager
+def _open_async_hub(cache: Path) -> Iterator[tuple[Any, Any]]:
+    """An entered ``AsyncHub`` on an event loop in a thread, and the portal to reach it."""
+    from anyio.from_thread import start_blocking_portal
+
+    import asynchub
+
+    with start_blocking_portal() as portal:
+        hub = asynchub.AsyncHub(cache_dir=cache)
+        portal.call(hub.__aenter__)
+        try:
+            yield hub, portal
         finally:
-            server.terminate()
-            server.wait(10)
-        base = statistics.median(t for t, _ in rows["curl | tar xz"])
-        print(f"archive: {args.model}, {size / 1e6:.1f} MB, served by python -m http.server")
-        print(f"{'method':<16}{'median s':>10}{'spread s':>10}{'MB/s':>8}{'vs curl':>9}{'peak RSS':>11}")
-        results = {}
-        for name, runs in rows.items():
-            times = [t for t, _ in runs]
-            med = statistics.median(times)
-            rss = max(r for _, r in runs)
-            results[name] = {"median_s": med, "runs_s": times, "peak_rss_kib": rss}
-            print(
-                f"{name:<16}{med:>10.2f}{max(times) - min(times):>10.2f}{size / 1e6 / med:>8.0f}"
-                f"{base / med:>9.2f}{rss / 1024:>9.0f}MB"
-            )
-        if args.json:
-            args.json.write_text(json.dumps({"bytes": size, "model": args.model, **results}))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+            portal.call(hub.aclose)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _cache_hit(work: Work, url: str, *, rounds: int) -> Section:
+    """µs per ``resolve`` of a handle already in the cache, in-process, against tensorflow_hub's."""
+    import tensorflow_hub as thub
+
+    import asynchub
+
+    peer_cache = work.fresh_dir("hit-tfhub")
+    os.environ["TFHUB_CACHE_DIR"] = str(peer_cache)
+    expected = Path(thub.resolve(url))
+    mine = work.fresh_dir("hit-asynchub")
+    baseline = "tensorflow_hub hub.resolve"
+    with _open_async_hub(mine) as (ahub, portal), asynchub.Hub(cache_dir=mine) as sync_hub:
+        fetched = portal.call(ahub.resolve, url)
+        if sync_hub.resolve(url) != fetched or Path(thub.resolve(url)) != expected:
+            raise RuntimeError("a cache hit returned another path than the first resolve")
+        number, _ = h.calibrate(lambda: thub.resolve(url), 0.05)
+
+        async def resolve_many(n: int) -> float:
+            import time
+
+            started = time.perf_counter()
+            for _ in range(n):
+                await ahub.resolve(url)
+            return (time.perf_counter() - started) / n
+
+        cases = {
+            baseline: h.per_call(lambda: thub.resolve(url), number),
+            "asynchub await AsyncHub.resolve": lambda: portal.call(resolve_many, number),
+            "asynchub Hub.resolve (sync)": h.per_call(lambda: sync_hub.resolve(url), number),
+        }
+        samples = h.interleave(cases, rounds=rounds)
+    section = Section(
+        title="Resolve: cache hit",
+        note=(
+            "µs per `resolve` of a handle already in the cache, in-process (asynchub checks its "
+            "completeness record: every file's size). Ratio = calls/s ÷ tensorflow_hub "
+            "`hub.resolve`'s in the same round, median [min, max]. The async case runs on a loop "
+            "in another thread, timed inside the loop."
+        ),
+        columns=["case", "µs/call", "ratio vs tensorflow_hub"],
+    )
+    ratios = h.ratio_to(samples, baseline)
+    for label, seconds in samples.items():
+        section.rows.append([label, h.Spread.of(seconds).scaled(1e6).fmt(0), ratios[label].fmt()])
+        section.data[label] = {"seconds_per_call": seconds, "ratio": ratios[label].as_json()}
+    return section

@@ -1,0 +1,1 @@
+"""asynchub's benchmark suite: ``python -m benchmarks`` (see benchmarks/README.md)."""
