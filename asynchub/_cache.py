@@ -33,6 +33,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "Entry",
     "LockInfo",
+    "Record",
     "break_lock",
     "commit",
     "holder_is_dead",
@@ -43,8 +44,10 @@ __all__ = [
     "read_manifest",
     "release_lock",
     "remove_tree",
+    "still_complete",
     "tree_size",
     "try_acquire",
+    "verify",
 ]
 
 MANIFEST_FORMAT = "asynchub-manifest/1"
@@ -106,29 +109,71 @@ def read_manifest(entry: Entry) -> dict[str, Any] | None:
     return data
 
 
-def is_complete(entry: Entry) -> bool:
-    """Whether ``entry`` holds a whole module.
+@dataclass(frozen=True)
+class Record:
+    """A verified completeness record, with the identity of the manifest it came from."""
+
+    files: tuple[tuple[str, int], ...]
+    dirs: tuple[str, ...]
+    #: (inode, mtime_ns, size) of the manifest; None for an entry without one.
+    stamp: tuple[int, int, int] | None
+
+    @property
+    def checks(self) -> int:
+        return len(self.files) + len(self.dirs)
+
+
+def _stamp(entry: Entry) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(entry.manifest)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def verify(entry: Entry) -> Record | None:
+    """The entry's record if it holds a whole module, else None.
 
     With a completeness record, every file it lists must exist with its size;
     without one (an entry tensorflow_hub wrote), a ``saved_model.pb``/``.pbtxt``
     at the root is enough.
     """
-    module_dir = entry.module_dir
-    if not module_dir.is_dir():
-        return False
-    record = read_manifest(entry)
-    if record is None:
-        return has_saved_model(module_dir)
-    files = record.get("files")
+    if not entry.module_dir.is_dir():
+        return None
+    stamp = _stamp(entry)
+    data = read_manifest(entry) if stamp is not None else None
+    if data is None:
+        return Record((), (), None) if has_saved_model(entry.module_dir) else None
+    files = data.get("files")
     if not isinstance(files, dict):
+        return None
+    record = Record(
+        files=tuple((str(k), int(v)) for k, v in files.items()),
+        dirs=tuple(str(d) for d in data.get("dirs", ())),
+        stamp=stamp,
+    )
+    return record if still_complete(entry, record) else None
+
+
+def still_complete(entry: Entry, record: Record) -> bool:
+    """Whether ``entry`` still matches ``record``: one stat per file, no reads."""
+    module_dir = entry.module_dir
+    if record.stamp is None:
+        return _stamp(entry) is None and has_saved_model(module_dir)
+    if _stamp(entry) != record.stamp:
         return False
-    for rel, size in files.items():
+    for rel, size in record.files:
         try:
             if os.stat(module_dir / rel).st_size != size:
                 return False
         except OSError:
             return False
-    return all((module_dir / rel).is_dir() for rel in record.get("dirs", ()))
+    return all((module_dir / rel).is_dir() for rel in record.dirs)
+
+
+def is_complete(entry: Entry) -> bool:
+    """Whether ``entry`` holds a whole module (see :func:`verify`)."""
+    return verify(entry) is not None
 
 
 def write_manifest(entry: Entry, handle: str, manifest: Manifest) -> None:

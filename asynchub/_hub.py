@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncHub"]
 
 _STREAM_BUFFER = 4  # pieces (of ~chunk_size) between the network task and the extractor
+_URL_MEMO = 4096  # parsed URL handles kept per hub
+_INLINE_CHECKS = 64  # stats a cache hit may make on the loop instead of in a thread
 _LOCK_POLL = (0.05, 1.0)  # first and longest wait between looks at another process's lock
 
 
@@ -125,6 +127,8 @@ class AsyncHub:
         self._client: httpx.AsyncClient | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._flights: dict[str, _Flight] = {}
+        self._records: dict[str, cache.Record] = {}
+        self._urls: dict[str, ParsedHandle] = {}
         self._display: ProgressDisplay | None = None
         self._state = "new"
 
@@ -254,7 +258,14 @@ class AsyncHub:
 
     async def _parse(self, handle: Handle) -> ParsedHandle:
         if isinstance(handle, str) and handle[:8].lower().startswith(("http://", "https://")):
-            return parse(handle)  # pure string work: no need to leave the loop
+            # Pure string work, so it stays on the loop; remembered, since apps
+            # resolve the same few URLs again and again.
+            parsed = self._urls.get(handle)
+            if parsed is None:
+                parsed = parse(handle)
+                if len(self._urls) < _URL_MEMO:
+                    self._urls[handle] = parsed
+            return parsed
         return await to_thread.run_sync(parse, handle)
 
     async def _single_flight(self, parsed: ParsedHandle, entry: cache.Entry) -> Path:
@@ -282,8 +293,47 @@ class AsyncHub:
             del self._flights[entry.key]
             flight.done.set()
 
+    async def _is_cached(self, entry: cache.Entry) -> bool:
+        """Whether the entry is complete; cheap for an entry this hub has verified before.
+
+        The first look reads the record in a worker thread; later looks only
+        stat the files it lists, which for a module of a few dozen files costs
+        less than the hop to a thread would.
+        """
+        record = self._records.get(entry.key)
+        if record is not None and record.checks <= _INLINE_CHECKS:
+            if cache.still_complete(entry, record):
+                return True
+            del self._records[entry.key]
+        record = await to_thread.run_sync(cache.verify, entry)
+        if record is None:
+            return False
+        self._records[entry.key] = record
+        return True
+
+    def _lookup_blocking(self, handle: Handle) -> Path | None:
+        """The module dir if ``handle`` needs no download, else None; blocking, any thread.
+
+        Lets the sync facade answer a cache hit in the caller's thread.
+        """
+        try:
+            parsed = parse(handle)
+        except HubError:
+            return None  # the full path raises it, with the hub's context
+        if parsed.kind is HandleKind.DIRECTORY:
+            return parsed.path
+        entry = cache.Entry(self.config.cache_dir, parsed.key)
+        record = self._records.get(entry.key)
+        if record is None or not cache.still_complete(entry, record):
+            record = cache.verify(entry)
+            if record is None:
+                self._records.pop(entry.key, None)
+                return None
+            self._records[entry.key] = record
+        return entry.module_dir
+
     async def _ensure(self, parsed: ParsedHandle, entry: cache.Entry) -> Path:
-        if await to_thread.run_sync(cache.is_complete, entry):
+        if await self._is_cached(entry):
             self._emit(ProgressKind.CACHED, parsed, path=entry.module_dir)
             return entry.module_dir
         if self.config.offline:

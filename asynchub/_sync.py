@@ -123,7 +123,17 @@ class Hub:
 
     def resolve(self, handle: Handle) -> Path:
         """See :meth:`AsyncHub.resolve`."""
-        return self._call(self._hub.resolve, handle)
+        return self._cached(handle) or self._call(self._hub.resolve, handle)
+
+    def _cached(self, handle: Handle) -> Path | None:
+        # A cache hit needs no event loop: answer it in the caller's thread, which
+        # may block, and skip two thread hops. With progress reporting on, go
+        # through the loop so the "cached" event is reported where events are.
+        if self._closed:
+            raise HubClosedError("this Hub is closed; make a new one")
+        if self._hub._progress is not None or self._hub.config.progress:
+            return None
+        return self._hub._lookup_blocking(handle)
 
     def load(
         self, handle: Handle, *, tags: Iterable[str] | None = None, options: Any = None

@@ -107,3 +107,15 @@ def test_ctrl_c_leaves_no_tmp_dir_or_lock(server: Server, cache_dir: Path, tmp_p
     assert proc.returncode == 3, (out, err)
     assert "interrupted" in out
     assert sorted(p.name for p in cache_dir.iterdir()) == []
+
+
+def test_sync_cache_hit_still_notices_a_deleted_file(
+    url: str, server: Server, cache_dir: Path
+) -> None:
+    with Hub(cache_dir=cache_dir) as hub:
+        path = hub.resolve(url)
+        assert hub.resolve(url) == path  # answered in this thread
+        (path / "variables" / "variables.index").unlink()
+        assert hub.resolve(url) == path
+        assert (path / "variables" / "variables.index").is_file()
+    assert len(server.gets("/m")) == 2
