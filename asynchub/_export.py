@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +56,23 @@ def _input_names(struct: Any) -> list[str]:
             raw.append(key or getattr(x, "name", None))
 
     visit(struct, None)
+    cleaned = (_INVALID_NAME_CHARS.sub("_", name) if name else "" for name in raw)
+    return unique_names(
+        text or ("inputs" if len(raw) == 1 else f"inputs_{i}") for i, text in enumerate(cleaned)
+    )
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """``names`` with ``_1``, ``_2``, ... appended to repeats, in order."""
     used: set[str] = set()
-    names = []
-    for i, name in enumerate(raw):
-        text = _INVALID_NAME_CHARS.sub("_", name) if name else ""
-        text = text or ("inputs" if len(raw) == 1 else f"inputs_{i}")
-        candidate, n = text, 1
+    result = []
+    for name in names:
+        candidate, n = name, 1
         while candidate in used:
-            candidate, n = f"{text}_{n}", n + 1
+            candidate, n = f"{name}_{n}", n + 1
         used.add(candidate)
-        names.append(candidate)
-    return names
+        result.append(candidate)
+    return result
 
 
 def _flat_signature(tf: Any, struct: Any) -> list[Any]:

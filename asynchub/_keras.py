@@ -36,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f"({exc}). Install them with: {INSTALL_HINT}"
     ) from exc
 
+from ._export import unique_names
 from ._module import Module, default_output, default_signature, load_module
 from ._sync import resolve
 
@@ -56,19 +57,6 @@ def keras_variable_name(tf_name: str) -> str:
     """
     base = tf_name.rsplit(":", 1)[0] if re.search(r":\d+$", tf_name) else tf_name
     return _INVALID_NAME_CHARS.sub("_", base).strip("_") or "variable"
-
-
-def unique_names(names: Iterable[str]) -> list[str]:
-    """``names`` with ``_1``, ``_2``, ... appended to repeats, in order."""
-    used: set[str] = set()
-    result = []
-    for name in names:
-        candidate, n = name, 1
-        while candidate in used:
-            candidate, n = f"{name}_{n}", n + 1
-        used.add(candidate)
-        result.append(candidate)
-    return result
 
 
 def takes_training(function: Any) -> bool:
