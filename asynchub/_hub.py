@@ -223,6 +223,7 @@ class AsyncHub:
         *,
         max_concurrency: int | None = ...,
         return_exceptions: Literal[False] = ...,
+        processes: int | None = ...,
     ) -> list[Path]: ...
 
     @overload
@@ -232,6 +233,7 @@ class AsyncHub:
         *,
         max_concurrency: int | None = ...,
         return_exceptions: bool,
+        processes: int | None = ...,
     ) -> list[Path | HubError]: ...
 
     async def prefetch(
@@ -240,6 +242,7 @@ class AsyncHub:
         *,
         max_concurrency: int | None = None,
         return_exceptions: bool = False,
+        processes: int | None = None,
     ) -> list[Path] | list[Path | HubError]:
         """Resolve many handles at once; results in input order.
 
@@ -247,13 +250,19 @@ class AsyncHub:
         failure does not stop the others: when all are done, a PrefetchError lists
         every failed handle (or, with ``return_exceptions=True``, the errors stand
         in the list in place of paths). ``max_concurrency`` bounds this call's
-        downloads on top of the hub's own bound.
+        downloads on top of the hub's own bound. ``processes=N`` (N >= 2) spreads
+        the downloads over up to N worker processes, for more than the one core
+        a process gets under the GIL; cached handles never start one.
         """
         from ._prefetch import prefetch
 
         self._check_open()
         return await prefetch(
-            self, handles, max_concurrency=max_concurrency, return_exceptions=return_exceptions
+            self,
+            handles,
+            max_concurrency=max_concurrency,
+            return_exceptions=return_exceptions,
+            processes=processes,
         )
 
     async def _parse(self, handle: Handle) -> ParsedHandle:

@@ -34,6 +34,7 @@ async def prefetch(
     *,
     max_concurrency: int | None = ...,
     return_exceptions: Literal[False] = ...,
+    processes: int | None = ...,
 ) -> list[Path]: ...
 
 
@@ -44,6 +45,7 @@ async def prefetch(
     *,
     max_concurrency: int | None = ...,
     return_exceptions: bool,
+    processes: int | None = ...,
 ) -> list[Path | HubError]: ...
 
 
@@ -53,6 +55,7 @@ async def prefetch(
     *,
     max_concurrency: int | None = None,
     return_exceptions: bool = False,
+    processes: int | None = None,
 ) -> list[Path] | list[Path | HubError]:
     """Resolve every handle concurrently; return their paths in input order.
 
@@ -62,9 +65,16 @@ async def prefetch(
     in the list in place of paths. Any other exception (a bug, misuse) cancels
     the rest and propagates. ``max_concurrency`` bounds this call's downloads;
     the hub's own limiter still bounds downloads across all calls.
+
+    ``processes=N`` (N >= 2) spreads the handles that need a download over up
+    to N worker processes (see ``_worker``); cached handles, local dirs and
+    offline hubs stay in this process, as does everything when only one
+    handle needs a download or the hub has a custom transport.
     """
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+    if processes is not None and processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
     hub._check_open()
     items = list(handles)
     # One task per distinct handle text: the cache key is the text, so "m" and
@@ -90,10 +100,36 @@ async def prefetch(
                 exc.handle = key
             results[key] = exc
 
+    remote: list[str] = []
+    if processes is not None and processes >= 2 and hub._transport is None:
+        remote = await _to_download(hub, distinct)
+        if len(remote) < 2:
+            remote = []  # one download: a worker process would only add its start-up
+    sent = set(remote)
+    in_process = {key: handle for key, handle in distinct.items() if key not in sent}
+
     try:
         async with anyio.create_task_group() as tg:
-            for key, handle in distinct.items():
+            for key, handle in in_process.items():
                 tg.start_soon(one, key, handle, name=f"prefetch {key}")
+            if remote:
+                from . import _worker
+
+                assert processes is not None
+                _client, hub_limiter = hub._check_open()
+                limit = min(
+                    max_concurrency or hub.config.max_concurrency, int(hub_limiter.total_tokens)
+                )
+                tg.start_soon(
+                    _worker.run,
+                    hub,
+                    remote,
+                    processes,
+                    limit,
+                    limiter,
+                    results,
+                    name="prefetch workers",
+                )
     except BaseExceptionGroup as group:
         _reraise(group)
 
@@ -128,6 +164,22 @@ async def _needs_no_download(hub: AsyncHub, handle: Handle) -> bool:
         return True
     entry = cache.Entry(hub.config.cache_dir, parsed.key)
     return await to_thread.run_sync(cache.is_complete, entry)
+
+
+async def _to_download(hub: AsyncHub, distinct: dict[str, Handle]) -> list[str]:
+    """The keys of the handles a worker process should resolve: those that need a download."""
+    if hub.config.offline:
+        return []
+    out = []
+    for key, handle in distinct.items():
+        if not isinstance(handle, (str, os.PathLike)) or key != os.fspath(handle):
+            continue  # not a handle: resolve() in this process reports it
+        try:
+            if not await _needs_no_download(hub, handle):
+                out.append(key)
+        except HubError:
+            continue  # the same: reported in this process
+    return out
 
 
 def _message(failed: list[tuple[str, HubError]], total: int) -> str:

@@ -148,6 +148,7 @@ class Hub:
         *,
         max_concurrency: int | None = ...,
         return_exceptions: Literal[False] = ...,
+        processes: int | None = ...,
     ) -> list[Path]: ...
 
     @overload
@@ -157,6 +158,7 @@ class Hub:
         *,
         max_concurrency: int | None = ...,
         return_exceptions: bool,
+        processes: int | None = ...,
     ) -> list[Path | HubError]: ...
 
     def prefetch(
@@ -165,6 +167,7 @@ class Hub:
         *,
         max_concurrency: int | None = None,
         return_exceptions: bool = False,
+        processes: int | None = None,
     ) -> list[Path] | list[Path | HubError]:
         """See :meth:`AsyncHub.prefetch`."""
         return self._call(
@@ -172,6 +175,7 @@ class Hub:
             list(handles),
             max_concurrency=max_concurrency,
             return_exceptions=return_exceptions,
+            processes=processes,
         )
 
 
@@ -223,10 +227,14 @@ def prefetch(
     *,
     max_concurrency: int | None = None,
     return_exceptions: bool = False,
+    processes: int | None = None,
 ) -> list[Path] | list[Path | HubError]:
     """Resolve many handles at once with the default hub."""
     return default_hub().prefetch(
-        handles, max_concurrency=max_concurrency, return_exceptions=return_exceptions
+        handles,
+        max_concurrency=max_concurrency,
+        return_exceptions=return_exceptions,
+        processes=processes,
     )
 
 
@@ -249,10 +257,14 @@ async def aprefetch(
     *,
     max_concurrency: int | None = None,
     return_exceptions: bool = False,
+    processes: int | None = None,
     **hub_options: Any,
 ) -> list[Path] | list[Path | HubError]:
     """Async :func:`prefetch` on the running loop."""
     async with AsyncHub(**hub_options) as hub:
         return await hub.prefetch(
-            handles, max_concurrency=max_concurrency, return_exceptions=return_exceptions
+            handles,
+            max_concurrency=max_concurrency,
+            return_exceptions=return_exceptions,
+            processes=processes,
         )

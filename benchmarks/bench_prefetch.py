@@ -10,6 +10,7 @@ neighbour skews every figure) are measured around each run.
     python benchmarks/bench_prefetch.py                 # the test suite's server
     python benchmarks/bench_prefetch.py --server sendfile
     python benchmarks/bench_prefetch.py --weights float32 --repeat 3
+    python benchmarks/bench_prefetch.py --processes 1 2   # also with 2 worker processes
 
 ``--server test`` is tests/_httpserver.py (pure Python, writes 64 KiB chunks);
 ``--server sendfile`` answers with ``socket.sendfile`` from archive files, so
@@ -53,8 +54,15 @@ _WORKER = textwrap.dedent(
     import json, resource, sys, time, anyio, asynchub
 
     def cpu():
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
+        # With processes=N the work is done in worker processes: count them too.
+        total = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            r = resource.getrusage(who)
+            total += r.ru_utime + r.ru_stime
+        return total
+
+    def child_peak():
+        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
     def status(field):
         # VmHWM is this process's own peak; ru_maxrss would also count the
@@ -64,7 +72,7 @@ _WORKER = textwrap.dedent(
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
 
-    async def main(cache_dir, mode, urls):
+    async def main(cache_dir, mode, processes, urls):
         base = status("VmRSS")
         async with asynchub.AsyncHub(
             cache_dir=cache_dir, max_concurrency=max(1, mode), retries=0
@@ -73,14 +81,16 @@ _WORKER = textwrap.dedent(
             if mode == 0:
                 paths = [await hub.resolve(u) for u in urls]
             else:
-                paths = await hub.prefetch(urls, max_concurrency=mode)
+                paths = await hub.prefetch(urls, max_concurrency=mode, processes=processes)
             wall, used = time.perf_counter() - t0, cpu() - c0
         assert len(paths) == len(urls)
         peak = status("VmHWM")
-        out = {"wall": wall, "cpu": used, "cpu_total": cpu(), "peak_rss": peak, "base_rss": base}
+        workers = child_peak()  # the largest child process's peak RSS
+        out = {"wall": wall, "cpu": used, "cpu_total": cpu(), "peak_rss": peak, "base_rss": base,
+               "worker_peak_rss": workers}
         print(json.dumps(out))
 
-    anyio.run(main, sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+    anyio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     """
 )
 
@@ -168,15 +178,16 @@ def _busy() -> float:
     return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
-def run_one(mode: int, urls: list[str], cache_root: Path) -> dict[str, float]:
-    cache_dir = cache_root / f"cache-{mode}"
+def run_one(mode: int, processes: int, urls: list[str], cache_root: Path) -> dict[str, float]:
+    """One run in a fresh interpreter; its wall time includes starting worker processes."""
+    cache_dir = cache_root / f"cache-{mode}-{processes}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("TFHUB_DOWNLOAD_PROGRESS", None)
     server_cpu = _cpu()
     busy = _busy()
     done = subprocess.run(
-        [sys.executable, "-c", _WORKER, str(cache_dir), str(mode), *urls],
+        [sys.executable, "-c", _WORKER, str(cache_dir), str(mode), str(processes), *urls],
         capture_output=True,
         text=True,
         env=env,
@@ -201,6 +212,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "asynchub-bench")
     parser.add_argument("--json", action="store_true", help="print every run as JSON")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="prefetch rows for each N worker processes (1: in-process; e.g. --processes 1 2)",
+    )
     args = parser.parse_args()
 
     archives = build_archives(args.work, args.weights)
@@ -209,28 +228,29 @@ def main() -> None:
         f"{len(archives)} archives, {total / 1e6:.0f} MB compressed, "
         f"server={args.server}, weights={args.weights}, cores={os.cpu_count()}"
     )
-    modes = [0, 1, 2, 4, 8]
-    runs: dict[int, list[dict[str, float]]] = {m: [] for m in modes}
+    modes = [(0, 1)] + [(j, p) for p in args.processes for j in (1, 2, 4, 8) if j >= p or p == 1]
+    runs: dict[tuple[int, int], list[dict[str, float]]] = {m: [] for m in modes}
     with serve(args.server, archives) as urls:
         for _ in range(args.repeat):
-            for mode in modes:
-                runs[mode].append(run_one(mode, urls, args.work))
-    base = min(r["wall"] for r in runs[0])
+            for mode, processes in modes:
+                runs[mode, processes].append(run_one(mode, processes, urls, args.work))
+    base = min(r["wall"] for r in runs[0, 1])
     print(
-        f"{'run':<16}{'wall s':>8}{'vs seq':>8}{'MB/s':>8}{'cpu s':>8}{'srv cpu':>9}"
-        f"{'others':>8}{'peak RSS':>10}{'(base)':>8}"
+        f"{'run':<20}{'wall s':>8}{'vs seq':>8}{'MB/s':>8}{'cpu s':>8}{'srv cpu':>9}"
+        f"{'others':>8}{'peak RSS':>10}{'(base)':>8}{'child RSS':>12}"
     )
     for mode in modes:
         best = min(runs[mode], key=lambda r: r["wall"])
-        name = "sequential" if mode == 0 else f"prefetch j={mode}"
+        name = "sequential" if mode == (0, 1) else f"prefetch j={mode[0]} p={mode[1]}"
         print(
-            f"{name:<16}{best['wall']:>8.2f}{best['wall'] / base:>8.2f}"
+            f"{name:<20}{best['wall']:>8.2f}{best['wall'] / base:>8.2f}"
             f"{total / 1e6 / best['wall']:>8.0f}{best['cpu']:>8.2f}{best['server_cpu']:>9.2f}"
             f"{best['other_cpu']:>8.2f}"
             f"{best['peak_rss'] / 1e6:>8.0f}MB{best['base_rss'] / 1e6:>6.0f}MB"
+            f"{best.get('worker_peak_rss', 0) / 1e6:>10.0f}MB"
         )
     if args.json:
-        print(json.dumps({str(m): r for m, r in runs.items()}, indent=1))
+        print(json.dumps({f"j={m[0]} p={m[1]}": r for m, r in runs.items()}, indent=1))
 
 
 if __name__ == "__main__":

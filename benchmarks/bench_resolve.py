@@ -70,19 +70,23 @@ def curl_case(work: Work, urls: list[str], parallel: int, size: int) -> h.Measur
     return h.once(fetch, setup=setup, check=lambda _: _expect(dirs, size))
 
 
-def asynchub_case(work: Work, urls: list[str], concurrency: int, size: int) -> h.Measure:
+def asynchub_case(
+    work: Work, urls: list[str], concurrency: int, size: int, processes: int | None = None
+) -> h.Measure:
     """A fresh ``AsyncHub`` prefetching (or, for one URL, resolving) every URL."""
     import anyio
 
     import asynchub
 
-    cache = work.root / f"asynchub-{concurrency}"
+    cache = work.root / f"asynchub-{concurrency}-{processes}"
 
     async def fetch() -> list[Path]:
         async with asynchub.AsyncHub(cache_dir=cache, max_concurrency=concurrency) as hub:
             if len(urls) == 1:
                 return [await hub.resolve(urls[0])]
-            return list(await hub.prefetch(urls, max_concurrency=concurrency))  # type: ignore[arg-type]
+            return list(
+                await hub.prefetch(urls, max_concurrency=concurrency, processes=processes)  # type: ignore[arg-type]
+            )
 
     def setup() -> None:
         shutil.rmtree(cache, ignore_errors=True)
@@ -152,6 +156,11 @@ def run_prefetch(work: Work) -> list[Section]:
             cases[f"asynchub prefetch, concurrency {c}"] = asynchub_case(work, urls, c, size)
             baselines[f"{CURL}, xargs -P {c}"] = f"{CURL}, xargs -P {c}"
             baselines[f"asynchub prefetch, concurrency {c}"] = f"{CURL}, xargs -P {c}"
+        # One multi-process row (worker start-up included in its time).
+        c = 4 if 4 in levels else levels[-1]
+        label = f"asynchub prefetch, concurrency {c}, 2 processes"
+        cases[label] = asynchub_case(work, urls, c, size, processes=2)
+        baselines[label] = f"{CURL}, xargs -P {c}"
         cases["tensorflow_hub hub.resolve, sequential"] = tfhub_case(work, urls, size)
         baselines["tensorflow_hub hub.resolve, sequential"] = f"{CURL}, xargs -P 1"
         log(f"prefetch: {n} x {nbytes / MB:.1f} MB, {rounds} rounds of {len(cases)} cases")

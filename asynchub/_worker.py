@@ -1,0 +1,469 @@
+"""Multi-process prefetch: worker processes that resolve handles fed to them one at a time.
+
+One process is GIL-bound at about 1.4 cores on loopback (docs/design.md,
+"Concurrency and its limit"); ``prefetch(..., processes=N)`` spreads the
+downloads over ``python -m asynchub._worker`` children. The protocol, one JSON
+value a line, UTF-8:
+
+* parent → child stdin: first the hub's config (an object), then one handle (a
+  string) per line, sent when the child has a free slot; EOF: no more handles.
+* child → parent stdout: ``{"event": kind, "handle", "done", "total", "attempt",
+  "path", "error"}`` progress events, and ``{"result": handle, "path": p}`` or
+  ``{"result": handle, "error": {"type", "message", "handle", "url", "status"}}``.
+* the child exits when stdin is at EOF and its handles are done; SIGINT cancels
+  it (tmp dirs and locks are removed on the way out). Its stderr is captured,
+  and its tail is quoted if it dies with handles unanswered.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio
+from anyio import to_thread
+from anyio.abc import ByteReceiveStream, Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from . import _cache as cache
+from . import errors
+from ._handles import parse
+from ._progress import ProgressEvent, ProgressKind
+from .errors import DownloadError, HTTPStatusError, HubError
+
+if TYPE_CHECKING:
+    from ._hub import AsyncHub
+
+__all__ = ["run"]
+
+_MAX_LINE = 16 * 1024 * 1024
+_STDERR_TAIL = 4096  # bytes of a child's stderr kept for error messages
+_GRACE = 10.0  # seconds a signalled child may take to clean up before SIGKILL
+_EXIT_SIGNALLED = 130
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- errors over the pipe ------------------------------------------------------------------
+
+
+def error_to_json(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "hub_error": isinstance(exc, HubError),
+        "handle": getattr(exc, "handle", None),
+        "url": getattr(exc, "url", None),
+        "status": getattr(exc, "status", None),
+    }
+
+
+def error_from_json(data: Mapping[str, Any]) -> HubError:
+    """The same asynchub.errors class, message, handle, url and status; else a HubError."""
+    cls: Any = getattr(errors, str(data.get("type")), None)
+    message = str(data.get("message", ""))
+    handle = data.get("handle")
+    if not (isinstance(cls, type) and issubclass(cls, HubError)) or cls is errors.PrefetchError:
+        cls = HubError
+        if not data.get("hub_error"):
+            message = f"{data.get('type')}: {message}"
+    url = data.get("url")
+    error: HubError
+    if issubclass(cls, HTTPStatusError):
+        error = cls(message, handle=handle, url=url, status=int(data.get("status") or 0))
+    elif issubclass(cls, DownloadError):
+        error = cls(message, handle=handle, url=url)
+    else:
+        error = cls(message, handle=handle)
+    return error
+
+
+def _event_to_json(event: ProgressEvent) -> dict[str, Any]:
+    return {
+        "event": event.kind.value,
+        "handle": event.handle,
+        "done": event.done,
+        "total": event.total,
+        "attempt": event.attempt,
+        "path": None if event.path is None else os.fspath(event.path),
+        "error": None if event.error is None else error_to_json(event.error),
+    }
+
+
+def _event_from_json(data: Mapping[str, Any]) -> ProgressEvent:
+    error = data.get("error")
+    path = data.get("path")
+    return ProgressEvent(
+        kind=ProgressKind(data["event"]),
+        handle=str(data["handle"]),
+        done=int(data.get("done") or 0),
+        total=data.get("total"),
+        attempt=int(data.get("attempt") or 0),
+        path=None if path is None else Path(path),
+        error=None if error is None else error_from_json(error),
+    )
+
+
+# -- the parent side -------------------------------------------------------------------------
+
+
+def hub_config_json(hub: AsyncHub, per_child: int, progress: bool) -> dict[str, Any]:
+    c = hub.config
+    return {
+        "cache_dir": os.fspath(c.cache_dir),
+        "timeout": {"connect": c.timeouts.connect, "read": c.timeouts.read},
+        "retries": {
+            "total": c.retries.total,
+            "backoff": c.retries.backoff,
+            "max_backoff": c.retries.max_backoff,
+            "max_retry_after": c.retries.max_retry_after,
+        },
+        "headers": dict(c.headers),
+        "offline": c.offline,
+        "max_concurrency": per_child,
+        "max_extract_bytes": c.max_extract_bytes,
+        "lock_stale_after": c.lock_stale_after,
+        "lock_timeout": c.lock_timeout,
+        "gzip_backend": c.gzip_backend,
+        "progress": progress,
+    }
+
+
+async def _spawn() -> Process:
+    """Start one worker: this interpreter, the inherited environment, asynchub importable."""
+    env = dict(os.environ)
+    root = _PACKAGE_ROOT
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return await anyio.open_process(
+        [sys.executable, "-m", "asynchub._worker"],
+        env=env,
+        # Ctrl-C in a terminal reaches the parent only; the parent signals its children.
+        start_new_session=os.name == "posix",
+    )
+
+
+@dataclass(eq=False)
+class _Child:
+    process: Process
+    slots: int
+    held: dict[str, object] = field(default_factory=dict)  # handle -> its limiter token
+    tail: collections.deque[bytes] = field(default_factory=collections.deque)
+    tail_size: int = 0
+    alive: bool = True
+
+    def stderr_tail(self) -> str:
+        text = b"".join(self.tail).decode("utf-8", "replace").strip()
+        return text[-_STDERR_TAIL:]
+
+
+async def run(
+    hub: AsyncHub,
+    handles: list[str],
+    processes: int,
+    limit: int,
+    call_limiter: anyio.CapacityLimiter | None,
+    results: dict[str, Path | HubError],
+) -> None:
+    """Resolve ``handles`` (distinct texts) in up to ``processes`` children into ``results``.
+
+    Each handle dispatched holds a slot of the call's limiter (if any) and of
+    the hub's, until its result arrives: the bounds hold across processes.
+    """
+    _client, hub_limiter = hub._check_open()
+    count = min(processes, len(handles))
+    per_child = max(1, math.ceil(limit / count))
+    callback = hub._progress
+    config = json.dumps(hub_config_json(hub, per_child, callback is not None)) + "\n"
+    children: list[_Child] = []
+    # A free slot of a child is its index in this stream; a result gives it back.
+    free_send, free_receive = anyio.create_memory_object_stream[int](count * per_child)
+
+    def finish(child: _Child, handle: str, result: Path | HubError) -> None:
+        token = child.held.pop(handle)
+        results[handle] = result
+        hub_limiter.release_on_behalf_of(token)
+        if call_limiter is not None:
+            call_limiter.release_on_behalf_of(token)
+
+    async def read_stdout(child: _Child, index: int) -> None:
+        assert child.process.stdout is not None
+        stream = BufferedByteReceiveStream(child.process.stdout)
+        while True:
+            try:
+                line = await stream.receive_until(b"\n", _MAX_LINE)
+            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
+                break
+            message = json.loads(line)
+            if "event" in message:
+                # "queued" was said by this process when the call began.
+                if callback is not None and message["event"] != ProgressKind.QUEUED.value:
+                    callback(_event_from_json(message))
+                continue
+            handle = message["result"]
+            error = message.get("error")
+            if error is None:
+                finish(child, handle, Path(message["path"]))
+            elif not error.get("hub_error"):
+                raise RuntimeError(
+                    f"worker process {child.process.pid} failed on {handle}: "
+                    f"{error['type']}: {error['message']}"
+                )
+            else:
+                exc = error_from_json(error)
+                if exc.handle is None:
+                    exc.handle = handle
+                finish(child, handle, exc)
+            if child.alive:
+                free_send.send_nowait(index)
+        # EOF: the child has exited, or is about to.
+        code = await child.process.wait()
+        child.alive = False
+        if child.held:
+            await to_thread.run_sync(_clean_after, hub.config.cache_dir, child)
+            tail = child.stderr_tail()
+            detail = f"; its stderr ended with:\n{tail}" if tail else ""
+            for handle in list(child.held):
+                finish(
+                    child,
+                    handle,
+                    HubError(
+                        f"worker process exited with code {code} while resolving {handle}{detail}",
+                        handle=handle,
+                    ),
+                )
+        if not any(c.alive for c in children):
+            free_send.close()  # no child left to take the rest
+
+    async def read_stderr(child: _Child) -> None:
+        assert child.process.stderr is not None
+        async for chunk in child.process.stderr:
+            child.tail.append(chunk)
+            child.tail_size += len(chunk)
+            while child.tail_size - len(child.tail[0]) >= _STDERR_TAIL:
+                child.tail_size -= len(child.tail.popleft())
+
+    async def free_slot() -> int:
+        """The index of a live child with a free slot; -1 once no child is left."""
+        while True:
+            try:
+                index = await free_receive.receive()
+            except anyio.EndOfStream:
+                return -1
+            if children[index].alive:
+                return index
+
+    async def dispatch() -> None:
+        if callback is not None:
+            for handle in handles:
+                callback(ProgressEvent(ProgressKind.QUEUED, handle))
+        for handle in handles:
+            token = object()
+            taken: list[anyio.CapacityLimiter] = []
+            try:
+                for limiter in (call_limiter, hub_limiter):
+                    if limiter is not None:
+                        await limiter.acquire_on_behalf_of(token)
+                        taken.append(limiter)
+                index = await free_slot()
+            except BaseException:
+                for limiter in taken:
+                    limiter.release_on_behalf_of(token)
+                raise
+            if index < 0:
+                for limiter in taken:
+                    limiter.release_on_behalf_of(token)
+                results[handle] = HubError(
+                    f"every worker process has exited; {handle} was not resolved", handle=handle
+                )
+                continue
+            child = children[index]
+            child.held[handle] = token
+            assert child.process.stdin is not None
+            # If the child died, its reader reports the handle.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await child.process.stdin.send((json.dumps(handle) + "\n").encode())
+        for child in children:
+            assert child.process.stdin is not None
+            await child.process.stdin.aclose()
+
+    try:
+        with free_send, free_receive:
+            for _ in range(count):
+                child = _Child(process=await _spawn(), slots=per_child)
+                children.append(child)
+                assert child.process.stdin is not None
+                # A child that died at once is reported by its reader, with its stderr.
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await child.process.stdin.send(config.encode())
+            for _ in range(per_child):
+                for index in range(count):
+                    free_send.send_nowait(index)
+            async with anyio.create_task_group() as tg:
+                for index, child in enumerate(children):
+                    tg.start_soon(read_stdout, child, index, name=f"worker {index} stdout")
+                    tg.start_soon(read_stderr, child, name=f"worker {index} stderr")
+                tg.start_soon(dispatch, name="worker dispatch")
+    finally:
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for child in children:
+                    tg.start_soon(_stop, child, hub.config.cache_dir)
+            for child in children:
+                for token in child.held.values():
+                    hub_limiter.release_on_behalf_of(token)
+                    if call_limiter is not None:
+                        call_limiter.release_on_behalf_of(token)
+                child.held.clear()
+
+
+async def _stop(child: _Child, cache_dir: Path) -> None:
+    """Make sure the child is gone: SIGINT, a grace period, then SIGKILL; tidy after a kill."""
+    process = child.process
+    try:
+        if process.returncode is None:
+            with anyio.move_on_after(_GRACE):
+                async with anyio.create_task_group() as tg:
+                    # Keep reading, so a child writing its last events cannot block.
+                    for stream in (process.stdout, process.stderr):
+                        if stream is not None:
+                            tg.start_soon(_drain, stream)
+                    if process.stdin is not None:
+                        await process.stdin.aclose()
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(signal.SIGINT if os.name == "posix" else signal.SIGTERM)
+                    await process.wait()
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        child.alive = False
+        if child.held:
+            await to_thread.run_sync(_clean_after, cache_dir, child)
+    finally:
+        await process.aclose()
+
+
+async def _drain(stream: ByteReceiveStream) -> None:
+    try:
+        async for _ in stream:
+            pass
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+
+
+def _clean_after(cache_dir: Path, child: _Child) -> None:
+    """Remove the tmp dirs and locks a dead child left for the handles it held."""
+    pid = child.process.pid
+    for handle in child.held:
+        try:
+            entry = cache.Entry(cache_dir, parse(handle).key)
+        except HubError:
+            continue
+        text = cache.read_lock(entry)
+        info = cache.parse_lock(text) if text else None
+        if info is None or info.pid != pid or not cache.holder_is_dead(info):
+            continue
+        cache.remove_tree(entry.tmp_dir(info.uid))
+        cache.break_lock(entry, info.raw)
+
+
+# -- the child side ----------------------------------------------------------------------
+
+
+class _Writer:
+    """JSON lines to the protocol pipe, whole lines only, from any thread."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self.quiet = False
+
+    def __call__(self, message: Mapping[str, Any]) -> None:
+        if self.quiet:
+            return
+        data = (json.dumps(message) + "\n").encode()
+        with self._lock:
+            self._out.write(data)
+            self._out.flush()
+
+
+async def _child_main(stdin: IO[bytes], write: _Writer) -> int:
+    from ._hub import AsyncHub
+
+    config = json.loads(stdin.readline())
+    emit: Callable[[ProgressEvent], None] | None = None
+    if config.pop("progress"):
+
+        def emit(event: ProgressEvent) -> None:
+            write(_event_to_json(event))
+
+    else:
+
+        def emit(event: ProgressEvent) -> None:
+            pass  # a callback even so: the environment must not start a display here
+
+    from ._config import Retries, Timeouts
+
+    config["timeout"] = Timeouts(**config["timeout"])
+    config["retries"] = Retries(**config["retries"])
+    signalled = False
+
+    async def one(hub: AsyncHub, handle: str) -> None:
+        try:
+            path = await hub.resolve(handle)
+        except HubError as exc:
+            if exc.handle is None:
+                exc.handle = handle
+            write({"result": handle, "error": error_to_json(exc)})
+        except Exception as exc:  # a bug: the parent raises it
+            write({"result": handle, "error": error_to_json(exc)})
+        else:
+            write({"result": handle, "path": os.fspath(path)})
+
+    async def watch_signals(scope: anyio.CancelScope) -> None:
+        nonlocal signalled
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                signalled = True
+                write.quiet = True  # the parent is not listening any more
+                scope.cancel()
+                return
+
+    async with AsyncHub(progress=emit, **config) as hub, anyio.create_task_group() as outer:
+        if os.name == "posix":
+            outer.start_soon(watch_signals, outer.cancel_scope)
+        async with anyio.create_task_group() as tg:
+            while True:
+                line = await to_thread.run_sync(stdin.readline, abandon_on_cancel=True)
+                if not line:
+                    break
+                tg.start_soon(one, hub, json.loads(line))
+        outer.cancel_scope.cancel()
+    return _EXIT_SIGNALLED if signalled else 0
+
+
+def main() -> None:
+    # Only protocol lines go to the real stdout; anything else printed goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    write = _Writer(out)
+    try:
+        code = anyio.run(_child_main, sys.stdin.buffer, write)
+    except KeyboardInterrupt:
+        code = _EXIT_SIGNALLED
+    out.close()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
