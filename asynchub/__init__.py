@@ -27,6 +27,7 @@ from .errors import (
     OfflineError,
     PrefetchError,
     SignatureError,
+    TruncatedArchiveError,
     UnsafeArchiveError,
 )
 
@@ -61,6 +62,7 @@ __all__ = [
     "SignatureInfo",
     "TensorInfo",
     "Timeouts",
+    "TruncatedArchiveError",
     "UnsafeArchiveError",
     "__version__",
     "aload",

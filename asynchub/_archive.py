@@ -4,27 +4,34 @@ Everything here is blocking and runs in a worker thread. Bytes come from a
 ``pull()`` function that returns the next compressed chunk (``b""`` at the end),
 so the same code extracts a network stream and a local file, and memory stays
 bounded by one chunk plus tarfile's buffer whatever the archive's size.
+
+An archive counts as whole only if the tar reaches its end-of-archive block (and
+a gzip stream its end): bytes that stop short raise TruncatedArchiveError, which a
+network source may retry, while bytes that are complete but wrong raise a plain
+ArchiveError.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import posixpath
 import sys
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Container, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import ArchiveError, UnsafeArchiveError
+from .errors import ArchiveError, TruncatedArchiveError, UnsafeArchiveError
 
 __all__ = [
     "GZIP_BACKENDS",
     "Manifest",
+    "check_conflict",
     "check_member",
     "extract",
     "gzip_backend",
@@ -38,15 +45,24 @@ _BACKEND_MODULES = {"isal": "isal.isal_zlib", "zlib-ng": "zlib_ng.zlib_ng", "zli
 _COPY = 1024 * 1024
 _ContentType = str | None | Callable[[], str | None]
 _MAX_INFLATE = 4 * 1024 * 1024  # bound on bytes one decompress() call may produce
+# Part of tarfile since Python 3.2, though missing from typeshed's stubs.
+_EOFHeaderError: type[tarfile.HeaderError] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_SubsequentHeaderError: type[tarfile.HeaderError] = tarfile.SubsequentHeaderError  # type: ignore[attr-defined]
 
 
 @dataclass
 class Manifest:
-    """What an extraction wrote: each file's size, relative to the module root."""
+    """What an extraction wrote: each file's size, relative to the module root.
+
+    ``sha256`` (hex) and ``archive_bytes`` describe the archive exactly as pulled
+    (compressed, trailing padding included), not what it extracts to.
+    """
 
     files: dict[str, int] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=set)
     compressed: bool = False
+    sha256: str = ""
+    archive_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -112,6 +128,12 @@ class _Inflater:
         self._pull = pull
         self._backend = backend
         self._eof = False
+        # Hashed as pulled, one update per chunk: hashlib drops the GIL for large
+        # updates, so this costs no Python work per byte.
+        self._sha = hashlib.sha256()
+        self.archive_bytes = 0
+        #: Set when a read found nothing left: the tar wanted bytes past the end.
+        self.starved = False
         head = self._fill_raw(512)
         # Read the content type only now: for a download it is known once bytes arrive.
         ctype = content_type() if callable(content_type) else content_type
@@ -120,13 +142,22 @@ class _Inflater:
         self._dec: Any = backend.decompressobj(wbits=31) if self.kind == "gzip" else None
         self._head = b""  # the piece being read from, and the offset into it
         self._off = 0
-        self.raw_bytes = 0
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def _take(self) -> bytes:
+        chunk = self._pull()
+        self._sha.update(chunk)
+        self.archive_bytes += len(chunk)
+        return chunk
 
     def _fill_raw(self, n: int) -> bytes:
         pieces: list[bytes] = []
         size = 0
         while size < n:
-            chunk = self._pull()
+            chunk = self._take()
             if not chunk:
                 self._eof = True
                 break
@@ -140,7 +171,7 @@ class _Inflater:
             return data
         if self._eof:
             return b""
-        chunk = self._pull()
+        chunk = self._take()
         if not chunk:
             self._eof = True
         return chunk
@@ -148,31 +179,43 @@ class _Inflater:
     def _produce(self) -> bytes:
         """Return the next piece of tar bytes, ``b""`` at the end."""
         if self._dec is None:
-            data = self._next_raw()
-            self.raw_bytes += len(data)
-            return data
+            return self._next_raw()
         while True:
             tail = self._dec.unconsumed_tail
             if tail:
                 out: bytes = self._dec.decompress(tail, _MAX_INFLATE)
             elif self._dec.eof:
-                rest = self._dec.unused_data or self._next_raw()
-                if not rest.strip(b"\0"):
-                    if not rest:
-                        return b""
-                    continue  # zero padding after the last member: skip it
-                if not rest.startswith(GZIP_MAGIC):
-                    raise ArchiveError("trailing garbage after the gzip stream")
-                self._dec = self._backend.decompressobj(wbits=31)
-                out = self._dec.decompress(rest, _MAX_INFLATE)
+                if not self._next_member():
+                    return b""
+                continue
             else:
                 data = self._next_raw()
                 if not data:
-                    raise ArchiveError("the gzip stream ends early: the archive is truncated")
-                self.raw_bytes += len(data)
+                    raise TruncatedArchiveError(
+                        "the gzip stream ends early: the archive is truncated"
+                    )
                 out = self._dec.decompress(data, _MAX_INFLATE)
             if out:
                 return out
+
+    def _next_member(self) -> bool:
+        """After a gzip member, start the next one; False if only zero padding follows."""
+        rest = self._dec.unused_data
+        # A chunk may end between the two magic bytes.
+        while len(rest) < len(GZIP_MAGIC) and (more := self._next_raw()):
+            rest += more
+        if rest.startswith(GZIP_MAGIC):
+            self._dec = self._backend.decompressobj(wbits=31)
+            self._raw = rest  # pushed back for _next_raw, already hashed
+            return True
+        # Zero padding after the last member (a block device, some servers) is
+        # pulled and skipped. The finished decompressor keeps its unused_data, so
+        # a later call comes back here and finds the pull exhausted.
+        while rest:
+            if rest.strip(b"\0"):
+                raise ArchiveError("trailing garbage after the gzip stream")
+            rest = self._next_raw()
+        return False
 
     def read(self, n: int = -1) -> bytes:
         # Whole pieces are handed out as they are and only a piece that straddles
@@ -185,6 +228,9 @@ class _Inflater:
             if self._off >= len(self._head):
                 self._head, self._off = self._produce(), 0
                 if not self._head:
+                    # tarfile's stream reader asks again only while it is short of
+                    # what it needs, so an empty answer means the tar is cut.
+                    self.starved = not out
                     break
             available = len(self._head) - self._off
             if self._off == 0 and available <= n:
@@ -202,6 +248,38 @@ class _Inflater:
         """Consume what is left, so the producer is never left blocked."""
         while self._produce():
             pass
+
+
+class _TarInfo(tarfile.TarInfo):
+    """A TarInfo that tells its _ReadTar which header error ended the member list."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> _TarInfo:
+        # TarFile.next() ends the members on any header it cannot read past the
+        # first (an all-zero end block, but also a short or empty read), so only
+        # what it caught here tells a real end from a cut one.
+        try:
+            return super().fromtarfile(tar)
+        except _SubsequentHeaderError:
+            raise  # made from an inner header error, which was noted already
+        except tarfile.HeaderError as exc:
+            if isinstance(tar, _ReadTar):
+                tar.header_error = exc
+            raise
+
+
+class _ReadTar(tarfile.TarFile):
+    tarinfo = _TarInfo
+    header_error: tarfile.HeaderError | None = None
+
+    @property
+    def reached_end(self) -> bool:
+        """Whether the members ended at an end-of-archive (all-zero) block.
+
+        One zero block is enough: tar writes two, but some writers write one, and
+        a cut stream ends with none.
+        """
+        return isinstance(self.header_error, _EOFHeaderError)
 
 
 def _normalise(name: str) -> str:
@@ -243,6 +321,47 @@ def check_member(member: tarfile.TarInfo, *, extracted: int, limit: int) -> str:
     return _normalise(name)
 
 
+def check_conflict(
+    rel: str, *, is_dir: bool, files: Container[str], dirs: Mapping[str, str]
+) -> None:
+    """Refuse a member that clashes with an earlier one, before anything of it is written.
+
+    ``files`` holds the file members so far; ``dirs`` maps every directory so far,
+    explicit or implied by a deeper member (``a/b/c`` implies ``a`` and ``a/b``), to
+    the member that made it one, and holds each directory's parents too (as
+    ``_add_dirs`` keeps it). Refused: a directory where a file is, a file where a
+    directory is, and anything below a file. A repeated file or directory is
+    allowed: as in tar, the later file wins.
+    """
+    if is_dir:
+        if rel in files:
+            raise UnsafeArchiveError(
+                f"directory member {rel!r} clashes with the earlier file member {rel!r}"
+            )
+    elif rel in dirs:
+        raise UnsafeArchiveError(
+            f"file member {rel!r} clashes with the directory {rel!r} "
+            f"made by the earlier member {dirs[rel]!r}"
+        )
+    parent = rel.rpartition("/")[0]
+    # A parent already known as a directory had its own parents checked when added.
+    while parent and parent not in dirs:
+        if parent in files:
+            raise UnsafeArchiveError(
+                f"member {rel!r} lies below {parent!r}, which the earlier member "
+                f"{parent!r} made a file"
+            )
+        parent = parent.rpartition("/")[0]
+
+
+def _add_dirs(rel: str, *, is_dir: bool, dirs: MutableMapping[str, str]) -> None:
+    """Note the directories a checked member makes: itself if a directory, and its parents."""
+    path = rel if is_dir else rel.rpartition("/")[0]
+    while path and path not in dirs:
+        dirs[path] = rel
+        path = path.rpartition("/")[0]
+
+
 def extract(
     pull: Callable[[], bytes],
     dest: Path,
@@ -253,38 +372,57 @@ def extract(
 ) -> Manifest:
     """Extract the tar or tar.gz stream that ``pull`` yields into the existing dir ``dest``.
 
-    Raises ArchiveError (UnsafeArchiveError) on a corrupt or unsafe archive;
-    the caller removes ``dest`` then.
+    Raises ArchiveError on a corrupt archive, UnsafeArchiveError on an unsafe one
+    and TruncatedArchiveError on one that ends early; the caller removes ``dest``
+    then. Every pulled byte is counted and hashed into the manifest.
     """
     _, module = gzip_backend(backend)
     source = _Inflater(pull, module, content_type)
     manifest = Manifest(compressed=source.kind == "gzip")
     dest_real = os.path.realpath(dest)
     extracted = 0
+    dirs: dict[str, str] = {}  # every directory, explicit or implied: the member behind it
     try:
-        with tarfile.open(fileobj=source, mode="r|", bufsize=_COPY) as tar:  # type: ignore[call-overload]
+        tar: _ReadTar
+        with _ReadTar.open(fileobj=source, mode="r|", bufsize=_COPY) as tar:  # type: ignore[call-overload]
             for member in tar:
                 rel = check_member(member, extracted=extracted, limit=limit)
                 if not rel:
                     continue
+                is_dir = member.isdir()
+                check_conflict(rel, is_dir=is_dir, files=manifest.files, dirs=dirs)
                 target = os.path.join(dest_real, *rel.split("/"))
                 # check_member rules out escapes; this guards the rule itself.
                 if os.path.commonpath([dest_real, os.path.realpath(target)]) != dest_real:
                     raise UnsafeArchiveError(f"member {member.name!r} would be written outside")
-                if member.isdir():
+                _add_dirs(rel, is_dir=is_dir, dirs=dirs)
+                if is_dir:
                     os.makedirs(target, exist_ok=True)
                     manifest.dirs.add(rel)
                     continue
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 extracted += _write_member(tar, member, target)
                 manifest.files[rel] = member.size
+            if not tar.reached_end:
+                if source.starved:
+                    raise TruncatedArchiveError(
+                        "the archive ends before its end-of-archive blocks: truncated"
+                    )
+                raise ArchiveError(
+                    f"corrupt tar archive: a bad header at byte {tar.offset:,} "
+                    f"({tar.header_error or 'no end-of-archive block'})"
+                )
         source.drain()
-    except tarfile.TarError as exc:
-        raise ArchiveError(f"corrupt or truncated tar archive: {exc}") from exc
-    except EOFError as exc:
-        raise ArchiveError(f"the archive is truncated: {exc}") from exc
+    except (tarfile.TarError, EOFError) as exc:
+        # tarfile reports a cut stream as a ReadError or EOFError; whether tarfile
+        # asked for bytes past the end tells that apart from corrupt bytes.
+        if source.starved:
+            raise TruncatedArchiveError(f"the archive is truncated: {exc}") from exc
+        raise ArchiveError(f"corrupt tar archive: {exc}") from exc
     except (zlib.error, module.error) as exc:
         raise ArchiveError(f"corrupt gzip data: {exc}") from exc
+    manifest.sha256 = source.sha256
+    manifest.archive_bytes = source.archive_bytes
     return manifest
 
 
@@ -301,7 +439,7 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: str) ->
             out.write(block)
             written += len(block)
     if written != member.size:
-        raise ArchiveError(
+        raise TruncatedArchiveError(
             f"member {member.name!r} is truncated ({written} of {member.size} bytes)"
         )
     return written

@@ -8,8 +8,9 @@
     │   ├── HTTPStatusError     the server answered 4xx, or 5xx/429 after every retry
     │   └── NetworkError        connect/read failures and timeouts, after every retry
     ├── ArchiveError            the bytes are not a usable tar archive (corrupt, HTML page, ...)
-    │   └── UnsafeArchiveError  a member would escape the module dir, is a link/device/fifo,
-    │                           or the archive is larger than the configured limit
+    │   ├── UnsafeArchiveError  a member would escape the module dir, is a link/device/fifo,
+    │   │                       clashes with another member, or the archive is too large
+    │   └── TruncatedArchiveError  the bytes end before the archive does (a cut stream)
     ├── CacheError              the cache dir cannot be used
     │   ├── OfflineError        offline mode and the handle is not in the cache
     │   └── LockTimeoutError    another process held the download lock for too long
@@ -47,6 +48,7 @@ __all__ = [
     "OfflineError",
     "PrefetchError",
     "SignatureError",
+    "TruncatedArchiveError",
     "UnsafeArchiveError",
 ]
 
@@ -94,6 +96,14 @@ class ArchiveError(HubError):
 
 class UnsafeArchiveError(ArchiveError):
     """A member of the archive was refused before anything of it was written."""
+
+
+class TruncatedArchiveError(ArchiveError):
+    """The bytes end before the archive does: a cut stream, or a cut file.
+
+    A download that ends this way is retried from the start, since a body
+    without a length cannot tell a cut connection from its end.
+    """
 
 
 class CacheError(HubError):
