@@ -1,10 +1,12 @@
 """Inspect and tidy a cache dir: list, remove, prune, verify.
 
-Blocking functions over the layout described in ``_cache.py`` (tensorflow_hub's,
-plus asynchub's manifest). They take the same ``<key>.lock`` a download takes
-before removing an entry, and never touch a key whose lock is held by a live
-process, so they are safe to run while other processes use the cache. Each
-returns plain data for the CLI to print.
+Blocking functions over the layout described in ``_store/_layout.py``
+(tensorflow_hub's, plus asynchub's manifest). Completeness is the store's
+``lookup`` and lock staleness is ``locks.verdict``: the same answers the hub
+gets. They take the same ``<key>.lock`` a download takes before removing an
+entry, and never touch a key whose lock is held by a live process, so they are
+safe to run while other processes use the cache. Each returns plain data for
+the CLI to print.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _cache as cache
-from ._handles import cache_key
+from ._handles import key_of
+from ._store import Store, locks
+from ._store import _layout as cache
 from .errors import CacheError
 
 __all__ = [
@@ -43,8 +46,8 @@ _NAME = re.compile(r"^(?P<key>[0-9a-f]{40})(?:\.(?P<rest>.+))?$")
 #: Leftover *files* younger than this are left alone: they may belong to a
 #: write or lock take-over happening right now.
 TRANSIENT_GRACE = 60.0
-#: A lock from another host whose download dir has not changed for this long is
-#: stale (the hub's own default for ``lock_stale_after``).
+#: A lock that, with its download dir, has not changed for this long is stale
+#: (the hub's own default for ``lock_stale_after``).
 OTHER_HOST_STALE_AFTER = 600.0
 
 
@@ -135,7 +138,7 @@ def list_entries(cache_dir: Path) -> list[CacheEntryInfo]:
                 path=entry.module_dir,
                 size=cache.tree_size(entry.module_dir),
                 fetched=_fetched(entry),
-                complete=cache.is_complete(entry),
+                complete=_complete(entry),
                 has_manifest=cache.read_manifest(entry) is not None,
                 locked=_lock_state(entry)[0] == "live",
             )
@@ -204,36 +207,22 @@ def _fetched(entry: cache.Entry) -> datetime.datetime | None:
 
 
 def _lock_state(entry: cache.Entry, now: float | None = None) -> tuple[str, str]:
-    """``("none" | "live" | "stale", why)`` for ``<key>.lock``; never "stale" for a live holder.
-
-    On this host the holder's pid decides. From another host the pid means
-    nothing here, so the lock is stale once its download dir is gone or has
-    not changed for a long time (the hub's own take-over rule).
-    """
-    now = time.time() if now is None else now
-    text = cache.read_lock(entry)
-    if text is None:
+    """``("none" | "live" | "stale", why)`` for ``<key>.lock``, by the hub's own verdict."""
+    view = locks.look(entry)
+    verdict, why = locks.verdict(
+        view,
+        now=time.time() if now is None else now,
+        stale_after=OTHER_HOST_STALE_AFTER,
+        host=socket.gethostname(),
+        alive=locks.pid_alive,
+    )
+    if verdict is locks.Verdict.FREE:
         return "none", ""
-    age = _age(entry.lock, now)
-    info = cache.parse_lock(text)
-    if info is None:
-        # A lock being written by exclusive create is empty for a moment.
-        if age is not None and age > TRANSIENT_GRACE:
-            return "stale", "unreadable lock"
-        return "live", "lock just created"
-    if info.host == socket.gethostname():
-        if cache.holder_is_dead(info):
-            return "stale", f"holder pid {info.pid} is dead"
-        return "live", f"held by pid {info.pid}"
-    tmp = entry.tmp_dir(info.uid)
-    if not tmp.exists():
-        if age is not None and age > TRANSIENT_GRACE:
-            return "stale", f"held from {info.host} but its download dir is gone"
-        return "live", f"held from {info.host}"
-    idle = _age_of_tree(tmp, now)
-    if idle is not None and idle > OTHER_HOST_STALE_AFTER:
-        return "stale", f"held from {info.host}; its download dir is idle for {idle:.0f}s"
-    return "live", f"held from {info.host}"
+    return ("stale" if verdict.take_over else "live"), why
+
+
+def _complete(entry: cache.Entry) -> bool:
+    return Store(entry.root).lookup(entry.key) is not None
 
 
 def _age(path: Path, now: float) -> float | None:
@@ -260,12 +249,12 @@ def _holding(entry: cache.Entry) -> Iterator[None]:
 
     A lock left by a dead process is broken first; a live one is refused.
     """
-    contents = cache.lock_contents(f"rm{uuid.uuid4().hex}")
-    while not cache.try_acquire(entry, contents):
+    contents = locks.lock_contents(f"rm{uuid.uuid4().hex}")
+    while not locks.try_acquire(entry, contents):
         state, why = _lock_state(entry)
-        text = cache.read_lock(entry)
+        text = locks.read_lock(entry)
         if state == "stale" and text is not None:
-            cache.break_lock(entry, text)
+            locks.break_lock(entry, text)
             continue
         if state == "none":
             continue  # released between the two looks: try again
@@ -277,7 +266,7 @@ def _holding(entry: cache.Entry) -> Iterator[None]:
     try:
         yield
     finally:
-        cache.release_lock(entry, contents)
+        locks.release_lock(entry, contents)
 
 
 # -- removing ----------------------------------------------------------------------
@@ -320,7 +309,7 @@ def _find_key(cache_dir: Path, handle_or_key: str) -> str:
     keys = set(_keys(cache_dir))
     if _KEY.match(handle_or_key) and handle_or_key in keys:
         return handle_or_key
-    key = cache_key(handle_or_key)
+    key = key_of(handle_or_key)
     if key in keys:
         return key
     # Handles are stored as given; a path may have been given in another spelling.
@@ -413,7 +402,7 @@ def prune(
         if state_of(key)[0] == "live":
             continue  # mid-download an entry looks incomplete: not ours to judge
         reason = None
-        if incomplete and not cache.is_complete(entry):
+        if incomplete and not _complete(entry):
             reason = "incomplete"
         elif cutoff is not None:
             fetched = _fetched(entry)
@@ -476,12 +465,12 @@ def _prune_leftovers(
             continue
         entry = cache.Entry(cache_dir, match["key"])
         state, why = state_of(entry.key)
-        text = cache.read_lock(entry)
+        text = locks.read_lock(entry)
         if state != "stale" or text is None:
             continue
         item = Removal(entry.lock, "lock", entry.key, len(text), f"stale lock: {why}")
         # break_lock removes it only if it still holds the text judged stale.
-        if dry_run or cache.break_lock(entry, text):
+        if dry_run or locks.break_lock(entry, text):
             removals.append(item)
     return removals
 
@@ -515,11 +504,16 @@ def _check(entry: cache.Entry) -> EntryCheck:
     handle = _handle_of(entry)
     record = cache.read_manifest(entry)
     has_manifest = record is not None
-    complete = cache.is_complete(entry)
+    complete = _complete(entry)
     if not entry.module_dir.is_dir():
         return EntryCheck(entry.key, handle, complete, has_manifest, problem="no module dir")
     if record is None:
-        problem = None if complete else "no manifest and no saved_model.pb"
+        if complete:
+            problem = None
+        elif cache.written_by_asynchub(entry):
+            problem = "written by asynchub, but its completeness record is gone"
+        else:
+            problem = "no manifest, and no saved_model.pb or whole variables"
         return EntryCheck(entry.key, handle, complete, has_manifest, problem=problem)
     missing: list[str] = []
     wrong: list[tuple[str, int, int]] = []

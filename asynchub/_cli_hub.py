@@ -22,7 +22,7 @@ import click
 from . import _cachetools as tools
 from ._config import default_cache_dir
 from ._display import ProgressDisplay, error_text, format_bytes
-from ._handles import cache_key
+from ._handles import key_of
 from ._progress import ProgressEvent
 from .errors import HubError
 
@@ -215,7 +215,7 @@ def _result_json(handle: str, result: Path | HubError) -> dict[str, Any]:
     if isinstance(result, HubError):
         return {
             "handle": handle,
-            "key": cache_key(handle),
+            "key": key_of(handle),
             "ok": False,
             "path": None,
             "error": _first_line(result),
@@ -223,7 +223,7 @@ def _result_json(handle: str, result: Path | HubError) -> dict[str, Any]:
         }
     return {
         "handle": handle,
-        "key": cache_key(handle),
+        "key": key_of(handle),
         "ok": True,
         "path": str(result),
         "error": None,

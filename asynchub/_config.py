@@ -20,10 +20,18 @@ _TRUE = {"1", "true", "yes", "on"}
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Network timeouts in seconds; ``read`` applies between two chunks, not to the whole body."""
+    """Network timeouts in seconds.
+
+    ``read`` applies between two chunks, not to the whole body: a stream that
+    stalls that long is resumed (or retried). ``stalled`` bounds the time spent
+    waiting on stalls over one whole download, so a server that keeps stalling
+    fails with a NetworkError in bounded time (with the defaults, under a minute)
+    while one that stalls once is survived.
+    """
 
     connect: float = 10.0
-    read: float = 60.0
+    read: float = 15.0
+    stalled: float = 45.0
 
     @classmethod
     def coerce(cls, value: Timeouts | float | None) -> Timeouts:
@@ -31,7 +39,7 @@ class Timeouts:
             return value
         if value is None:
             return cls()
-        return cls(connect=float(value), read=float(value))
+        return cls(connect=float(value), read=float(value), stalled=3 * float(value))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""Handle parsing and cache keys: pure functions, no I/O beyond a stat."""
+"""Handle parsing and cache keys: pure functions, no I/O beyond a stat.
+
+An http(s) handle's key is tensorflow_hub's: sha1 of the handle as given. A local
+archive's key is sha1 of its absolute path, so the same file named from two
+directories is one entry and two files of one name are two; its size and mtime
+go with the parsed handle, and an entry extracted from other bytes is stale.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,25 @@ import enum
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import httpx
+
 from ._types import Handle
 from .errors import HandleError
 
-__all__ = ["ARCHIVE_SUFFIXES", "HandleKind", "ParsedHandle", "cache_key", "compressed_url", "parse"]
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "HandleKind",
+    "ParsedHandle",
+    "cache_key",
+    "compressed_url",
+    "key_of",
+    "parse",
+]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 FORMAT_PARAM = ("tf-hub-format", "compressed")
@@ -35,13 +52,17 @@ class HandleKind(enum.Enum):
 class ParsedHandle:
     """A handle understood: what it is, and where its bytes come from."""
 
-    text: str  #: the handle as given (the cache key is computed from it)
+    text: str  #: the handle as given
     kind: HandleKind
-    path: Path | None = None  #: DIRECTORY and ARCHIVE
+    path: Path | None = None  #: DIRECTORY and ARCHIVE (absolute for ARCHIVE)
     url: str | None = None  #: URL: the address with ``tf-hub-format=compressed`` added
+    #: ARCHIVE: (size, mtime_ns) of the file when parsed; an entry from other bytes is stale
+    stamp: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
+        if self.kind is HandleKind.ARCHIVE and self.path is not None:
+            return cache_key(os.fspath(self.path))
         return cache_key(self.text)
 
     @property
@@ -53,6 +74,22 @@ class ParsedHandle:
 def cache_key(handle: str) -> str:
     """The cache entry name: sha1 of the handle as given (tensorflow_hub's rule)."""
     return hashlib.sha1(handle.encode("utf-8")).hexdigest()
+
+
+def key_of(text: str) -> str:
+    """The cache key ``text`` resolves to, also for a local archive that is gone now."""
+    try:
+        return parse(text).key
+    except HandleError:
+        pass
+    if text.lower().startswith("file://"):
+        try:
+            return cache_key(os.path.abspath(unquote(urlsplit(text).path)))
+        except ValueError:
+            return cache_key(text)
+    if text.lower().endswith(ARCHIVE_SUFFIXES) and not _SCHEME.match(text):
+        return cache_key(os.path.abspath(os.path.expanduser(text)))
+    return cache_key(text)
 
 
 def compressed_url(url: str) -> str:
@@ -77,14 +114,16 @@ def parse(handle: Handle) -> ParsedHandle:
         raise HandleError(f"handle must be text, got bytes {text!r}", handle=repr(text))
     if not text.strip():
         raise HandleError(f"empty handle; expected {_FORMS}", handle=text)
+    if "\0" in text:
+        raise HandleError(f"handle {text!r} contains a NUL character", handle=text)
     lower = text.lower()
     if lower.startswith(("http://", "https://")):
-        parts = urlsplit(text)
-        if not parts.hostname:
-            raise HandleError(f"URL {text!r} names no host; expected {_FORMS}", handle=text)
-        return ParsedHandle(text, HandleKind.URL, url=compressed_url(text))
+        return ParsedHandle(text, HandleKind.URL, url=_checked_url(text))
     if lower.startswith("file://"):
-        parts = urlsplit(text)
+        try:
+            parts = urlsplit(text)
+        except ValueError as exc:
+            raise HandleError(f"malformed file:// URL {text!r}: {exc}", handle=text) from exc
         if parts.netloc not in ("", "localhost"):
             raise HandleError(
                 f"file:// URL {text!r} names a remote host; only local files are supported",
@@ -101,16 +140,40 @@ def parse(handle: Handle) -> ParsedHandle:
     return _local(text, Path(text).expanduser(), must_be_archive=False)
 
 
+def _checked_url(text: str) -> str:
+    """The compressed-format URL of an http(s) handle, or HandleError if it is malformed."""
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+        _ = parts.port  # a port that is not a number raises here
+        url = compressed_url(text)
+        httpx.URL(url)  # what the client will refuse (control characters, bad hosts)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise HandleError(f"malformed URL {text!r}: {exc}; expected {_FORMS}", handle=text) from exc
+    if not host:
+        raise HandleError(f"URL {text!r} names no host; expected {_FORMS}", handle=text)
+    return url
+
+
 def _local(text: str, path: Path, *, must_be_archive: bool) -> ParsedHandle:
-    if path.is_dir() and not must_be_archive:
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode) and not must_be_archive:
         return ParsedHandle(text, HandleKind.DIRECTORY, path=path)
-    if path.is_file():
+    if st is not None and stat.S_ISREG(st.st_mode):
         if path.name.lower().endswith(ARCHIVE_SUFFIXES):
-            return ParsedHandle(text, HandleKind.ARCHIVE, path=path)
+            return ParsedHandle(
+                text,
+                HandleKind.ARCHIVE,
+                path=Path(os.path.abspath(path)),
+                stamp=(st.st_size, st.st_mtime_ns),
+            )
         raise HandleError(
             f"{path} is a file but not a .tar, .tar.gz or .tgz archive; expected {_FORMS}",
             handle=text,
         )
-    if path.is_dir():
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise HandleError(f"file:// handle {text!r} names a directory, not an archive", handle=text)
     raise HandleError(f"{path} does not exist; expected {_FORMS}", handle=text)

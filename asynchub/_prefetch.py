@@ -6,30 +6,46 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast, overload
+from typing import TYPE_CHECKING, Literal, Protocol, cast, overload
 
 import anyio
-from anyio import to_thread
 
-from . import _cache as cache
-from ._handles import HandleKind, parse
-from ._types import Handle
+from ._types import Handle, ProgressCallback
 from .errors import HubError, PrefetchError
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
-    from ._hub import AsyncHub
+    from ._config import HubConfig
+    from ._store import Store
 
-__all__ = ["prefetch"]
+__all__ = ["HubLike", "prefetch"]
+
+
+class HubLike(Protocol):
+    """What prefetch and the worker processes need of a hub (an open AsyncHub)."""
+
+    @property
+    def config(self) -> HubConfig: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def limiter(self) -> anyio.CapacityLimiter: ...
+    @property
+    def progress(self) -> ProgressCallback | None: ...
+    @property
+    def custom_transport(self) -> bool: ...
+    async def resolve(self, handle: Handle) -> Path: ...
+    async def lookup(self, handle: Handle) -> Path | None: ...
+
 
 _SHOWN = 5  # failed handles named in a PrefetchError's message; .exceptions holds them all
 
 
 @overload
 async def prefetch(
-    hub: AsyncHub,
+    hub: HubLike,
     handles: Iterable[Handle],
     *,
     max_concurrency: int | None = ...,
@@ -40,7 +56,7 @@ async def prefetch(
 
 @overload
 async def prefetch(
-    hub: AsyncHub,
+    hub: HubLike,
     handles: Iterable[Handle],
     *,
     max_concurrency: int | None = ...,
@@ -50,7 +66,7 @@ async def prefetch(
 
 
 async def prefetch(
-    hub: AsyncHub,
+    hub: HubLike,
     handles: Iterable[Handle],
     *,
     max_concurrency: int | None = None,
@@ -75,7 +91,7 @@ async def prefetch(
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
     if processes is not None and processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    hub._check_open()
+    hub.limiter  # noqa: B018 - raises HubClosedError on a hub that is not open
     items = list(handles)
     # One task per distinct handle text: the cache key is the text, so "m" and
     # Path("m") are one module, and its failure is reported once.
@@ -101,7 +117,7 @@ async def prefetch(
             results[key] = exc
 
     remote: list[str] = []
-    if processes is not None and processes >= 2 and hub._transport is None:
+    if processes is not None and processes >= 2 and not hub.custom_transport:
         remote = await _to_download(hub, distinct)
         if len(remote) < 2:
             remote = []  # one download: a worker process would only add its start-up
@@ -113,15 +129,14 @@ async def prefetch(
             for key, handle in in_process.items():
                 tg.start_soon(one, key, handle, name=f"prefetch {key}")
             if remote:
-                from . import _worker
+                from . import _workers
 
                 assert processes is not None
-                _client, hub_limiter = hub._check_open()
                 limit = min(
-                    max_concurrency or hub.config.max_concurrency, int(hub_limiter.total_tokens)
+                    max_concurrency or hub.config.max_concurrency, int(hub.limiter.total_tokens)
                 )
                 tg.start_soon(
-                    _worker.run,
+                    _workers.run,
                     hub,
                     remote,
                     processes,
@@ -152,21 +167,14 @@ def _dedupe_key(handle: object, index: int) -> str:
     return f"<handle #{index}: {handle!r}>"
 
 
-async def _needs_no_download(hub: AsyncHub, handle: Handle) -> bool:
+async def _needs_no_download(hub: HubLike, handle: Handle) -> bool:
     """True when resolve() will not download: a local dir, a complete entry, or offline."""
     if hub.config.offline:
         return True
-    if isinstance(handle, str) and handle[:8].lower().startswith(("http://", "https://")):
-        parsed = parse(handle)  # pure string work, as in AsyncHub._parse
-    else:
-        parsed = await to_thread.run_sync(parse, handle)
-    if parsed.kind is HandleKind.DIRECTORY:
-        return True
-    entry = cache.Entry(hub.config.cache_dir, parsed.key)
-    return await to_thread.run_sync(cache.is_complete, entry)
+    return await hub.lookup(handle) is not None
 
 
-async def _to_download(hub: AsyncHub, distinct: dict[str, Handle]) -> list[str]:
+async def _to_download(hub: HubLike, distinct: dict[str, Handle]) -> list[str]:
     """The keys of the handles a worker process should resolve: those that need a download."""
     if hub.config.offline:
         return []

@@ -1,8 +1,10 @@
 """Multi-process prefetch: worker processes that resolve handles fed to them one at a time.
 
-One process is GIL-bound at about 1.4 cores on loopback (docs/design.md,
-"Concurrency and its limit"); ``prefetch(..., processes=N)`` spreads the
-downloads over ``python -m asynchub._worker`` children. The protocol, one JSON
+The parent side. One process is GIL-bound at about 1.4 cores on loopback
+(docs/design.md, "Concurrency and its limit"); ``prefetch(..., processes=N)``
+spreads the downloads over children running ``asynchub._worker`` (the only
+module of the pair that imports the hub), started with the parent's
+``sys.path`` in its order. The protocol, one JSON
 value a line, UTF-8:
 
 * parent → child stdin: first the hub's config (an object), then one handle (a
@@ -24,33 +26,36 @@ import math
 import os
 import signal
 import sys
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio import to_thread
 from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from . import _cache as cache
 from . import errors
 from ._handles import parse
 from ._progress import ProgressEvent, ProgressKind
 from .errors import DownloadError, HTTPStatusError, HubError
 
 if TYPE_CHECKING:
-    from ._hub import AsyncHub
+    from ._prefetch import HubLike
+    from ._store import Store
 
-__all__ = ["run"]
+__all__ = ["error_from_json", "error_to_json", "event_to_json", "run"]
 
 _MAX_LINE = 16 * 1024 * 1024
 _STDERR_TAIL = 4096  # bytes of a child's stderr kept for error messages
 _GRACE = 10.0  # seconds a signalled child may take to clean up before SIGKILL
 _EXIT_SIGNALLED = 130
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The child's first lines: the parent's import path, in its order, then the entry point.
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from asynchub._worker import main; main()"
+)
 
 
 # -- errors over the pipe ------------------------------------------------------------------
@@ -87,7 +92,7 @@ def error_from_json(data: Mapping[str, Any]) -> HubError:
     return error
 
 
-def _event_to_json(event: ProgressEvent) -> dict[str, Any]:
+def event_to_json(event: ProgressEvent) -> dict[str, Any]:
     return {
         "event": event.kind.value,
         "handle": event.handle,
@@ -116,11 +121,15 @@ def _event_from_json(data: Mapping[str, Any]) -> ProgressEvent:
 # -- the parent side -------------------------------------------------------------------------
 
 
-def hub_config_json(hub: AsyncHub, per_child: int, progress: bool) -> dict[str, Any]:
+def hub_config_json(hub: HubLike, per_child: int, progress: bool) -> dict[str, Any]:
     c = hub.config
     return {
         "cache_dir": os.fspath(c.cache_dir),
-        "timeout": {"connect": c.timeouts.connect, "read": c.timeouts.read},
+        "timeout": {
+            "connect": c.timeouts.connect,
+            "read": c.timeouts.read,
+            "stalled": c.timeouts.stalled,
+        },
         "retries": {
             "total": c.retries.total,
             "backoff": c.retries.backoff,
@@ -139,13 +148,13 @@ def hub_config_json(hub: AsyncHub, per_child: int, progress: bool) -> dict[str, 
 
 
 async def _spawn() -> Process:
-    """Start one worker: this interpreter, the inherited environment, asynchub importable."""
-    env = dict(os.environ)
-    root = _PACKAGE_ROOT
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    """Start one worker: this interpreter, the inherited environment, this sys.path.
+
+    The path goes as an argument, not PYTHONPATH, so the child's import order is
+    exactly the parent's (PYTHONPATH would come before the standard library).
+    """
     return await anyio.open_process(
-        [sys.executable, "-m", "asynchub._worker"],
-        env=env,
+        [sys.executable, "-c", _BOOT, json.dumps(sys.path)],
         # Ctrl-C in a terminal reaches the parent only; the parent signals its children.
         start_new_session=os.name == "posix",
     )
@@ -166,7 +175,7 @@ class _Child:
 
 
 async def run(
-    hub: AsyncHub,
+    hub: HubLike,
     handles: list[str],
     processes: int,
     limit: int,
@@ -178,10 +187,11 @@ async def run(
     Each handle dispatched holds a slot of the call's limiter (if any) and of
     the hub's, until its result arrives: the bounds hold across processes.
     """
-    _client, hub_limiter = hub._check_open()
+    hub_limiter = hub.limiter
+    store = hub.store
     count = min(processes, len(handles))
     per_child = max(1, math.ceil(limit / count))
-    callback = hub._progress
+    callback = hub.progress
     config = json.dumps(hub_config_json(hub, per_child, callback is not None)) + "\n"
     children: list[_Child] = []
     # A free slot of a child is its index in this stream; a result gives it back.
@@ -228,7 +238,7 @@ async def run(
         code = await child.process.wait()
         child.alive = False
         if child.held:
-            await to_thread.run_sync(_clean_after, hub.config.cache_dir, child)
+            await to_thread.run_sync(_clean_after, store, child)
             tail = child.stderr_tail()
             detail = f"; its stderr ended with:\n{tail}" if tail else ""
             for handle in list(child.held):
@@ -316,7 +326,7 @@ async def run(
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for child in children:
-                    tg.start_soon(_stop, child, hub.config.cache_dir)
+                    tg.start_soon(_stop, child, store)
             for child in children:
                 for token in child.held.values():
                     hub_limiter.release_on_behalf_of(token)
@@ -325,7 +335,7 @@ async def run(
                 child.held.clear()
 
 
-async def _stop(child: _Child, cache_dir: Path) -> None:
+async def _stop(child: _Child, store: Store) -> None:
     """Make sure the child is gone: SIGINT, a grace period, then SIGKILL; tidy after a kill."""
     process = child.process
     try:
@@ -347,7 +357,7 @@ async def _stop(child: _Child, cache_dir: Path) -> None:
                 await process.wait()
         child.alive = False
         if child.held:
-            await to_thread.run_sync(_clean_after, cache_dir, child)
+            await to_thread.run_sync(_clean_after, store, child)
     finally:
         await process.aclose()
 
@@ -360,110 +370,11 @@ async def _drain(stream: ByteReceiveStream) -> None:
         pass
 
 
-def _clean_after(cache_dir: Path, child: _Child) -> None:
-    """Remove the tmp dirs and locks a dead child left for the handles it held."""
-    pid = child.process.pid
+def _clean_after(store: Store, child: _Child) -> None:
+    """Take over the locks, and remove the download dirs, a dead child left behind."""
     for handle in child.held:
         try:
-            entry = cache.Entry(cache_dir, parse(handle).key)
+            key = parse(handle).key
         except HubError:
             continue
-        text = cache.read_lock(entry)
-        info = cache.parse_lock(text) if text else None
-        if info is None or info.pid != pid or not cache.holder_is_dead(info):
-            continue
-        cache.remove_tree(entry.tmp_dir(info.uid))
-        cache.break_lock(entry, info.raw)
-
-
-# -- the child side ----------------------------------------------------------------------
-
-
-class _Writer:
-    """JSON lines to the protocol pipe, whole lines only, from any thread."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
-        self._lock = threading.Lock()
-        self.quiet = False
-
-    def __call__(self, message: Mapping[str, Any]) -> None:
-        if self.quiet:
-            return
-        data = (json.dumps(message) + "\n").encode()
-        with self._lock:
-            self._out.write(data)
-            self._out.flush()
-
-
-async def _child_main(stdin: IO[bytes], write: _Writer) -> int:
-    from ._hub import AsyncHub
-
-    config = json.loads(stdin.readline())
-    emit: Callable[[ProgressEvent], None] | None = None
-    if config.pop("progress"):
-
-        def emit(event: ProgressEvent) -> None:
-            write(_event_to_json(event))
-
-    else:
-
-        def emit(event: ProgressEvent) -> None:
-            pass  # a callback even so: the environment must not start a display here
-
-    from ._config import Retries, Timeouts
-
-    config["timeout"] = Timeouts(**config["timeout"])
-    config["retries"] = Retries(**config["retries"])
-    signalled = False
-
-    async def one(hub: AsyncHub, handle: str) -> None:
-        try:
-            path = await hub.resolve(handle)
-        except HubError as exc:
-            if exc.handle is None:
-                exc.handle = handle
-            write({"result": handle, "error": error_to_json(exc)})
-        except Exception as exc:  # a bug: the parent raises it
-            write({"result": handle, "error": error_to_json(exc)})
-        else:
-            write({"result": handle, "path": os.fspath(path)})
-
-    async def watch_signals(scope: anyio.CancelScope) -> None:
-        nonlocal signalled
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                signalled = True
-                write.quiet = True  # the parent is not listening any more
-                scope.cancel()
-                return
-
-    async with AsyncHub(progress=emit, **config) as hub, anyio.create_task_group() as outer:
-        if os.name == "posix":
-            outer.start_soon(watch_signals, outer.cancel_scope)
-        async with anyio.create_task_group() as tg:
-            while True:
-                line = await to_thread.run_sync(stdin.readline, abandon_on_cancel=True)
-                if not line:
-                    break
-                tg.start_soon(one, hub, json.loads(line))
-        outer.cancel_scope.cancel()
-    return _EXIT_SIGNALLED if signalled else 0
-
-
-def main() -> None:
-    # Only protocol lines go to the real stdout; anything else printed goes to stderr.
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    write = _Writer(out)
-    try:
-        code = anyio.run(_child_main, sys.stdin.buffer, write)
-    except KeyboardInterrupt:
-        code = _EXIT_SIGNALLED
-    out.close()
-    sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()
+        store.reap(key)

@@ -34,6 +34,17 @@ class Route:
     delay: float = 0.0  #: seconds before answering
     chunk: int = 64 * 1024
     throttle: float = 0.0  #: seconds between chunks
+    #: Send no Content-Length: the body ends when the connection closes.
+    no_length: bool = False
+    #: Stop sending after this many body bytes, for ``stall_for`` seconds, the first
+    #: ``stall_times`` GETs (then finish, unless the client gave up).
+    stall_at: int | None = None
+    stall_for: float = 0.0
+    stall_times: int = 1
+    #: Serve this body (a new version, with its own ETag) from the first Range
+    #: request on, ignoring If-Range: a server that would splice two versions.
+    next_body: bytes | None = None
+    spliced: bool = False  #: set once ``next_body`` took over
 
 
 class Server:
@@ -121,19 +132,24 @@ def _make_handler(server: Server) -> type[http.server.BaseHTTPRequestHandler]:
                 return self._plain(status, b"try later", extra)
             if route.status:
                 return self._plain(route.status, b"error page")
+            range_header = self.headers.get("Range")
+            if route.next_body is not None and range_header:
+                route.body, route.next_body, route.spliced = route.next_body, None, True
             body = route.body
             etag = '"' + hashlib.sha1(body).hexdigest() + '"'
             start = 0
             status = 200
-            range_header = self.headers.get("Range")
             if route.ranges and range_header and range_header.startswith("bytes="):
                 if_range = self.headers.get("If-Range")
-                if if_range is None or if_range == etag:
+                if if_range is None or if_range == etag or route.spliced:
                     start = int(range_header[6:].split("-")[0])
                     status = 206
             self.send_response(status)
             self.send_header("Content-Type", route.content_type)
-            self.send_header("Content-Length", str(len(body) - start))
+            if route.no_length:
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(body) - start))
             if route.ranges:
                 self.send_header("Accept-Ranges", "bytes")
             if route.etag:
@@ -149,9 +165,18 @@ def _make_handler(server: Server) -> type[http.server.BaseHTTPRequestHandler]:
                 cut = route.cut_at
             end = len(body) if cut is None else cut
             pos = start
+            stall = None
+            if route.stall_at is not None and route.stall_times > 0 and start <= route.stall_at:
+                route.stall_times -= 1
+                stall = route.stall_at
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 while pos < end:
-                    piece = body[pos : min(end, pos + route.chunk)]
+                    if stall is not None and pos >= stall:
+                        self.wfile.flush()
+                        time.sleep(route.stall_for)
+                        stall = None
+                    limit = end if stall is None else min(end, stall)
+                    piece = body[pos : min(limit, pos + route.chunk)]
                     self.wfile.write(piece)
                     pos += len(piece)
                     if route.throttle:

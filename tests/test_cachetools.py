@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from asynchub import AsyncHub, CacheError
-from asynchub import _cache as cache
 from asynchub._cachetools import list_entries, prune, remove, verify
+from asynchub._store import _layout as cache
 from tests._archives import make_module, tar_bytes
 
 HOST = socket.gethostname()
@@ -195,7 +195,7 @@ def test_prune_removes_leftovers_and_stale_locks_only(
     }
     reasons = {r.path.name: r.reason for r in removed}
     assert "is dead" in reasons[f"{k['dead']}.lock"]
-    assert "download dir is gone" in reasons[f"{k['remote']}.lock"]
+    assert "nothing changed for" in reasons[f"{k['remote']}.lock"]
     left = names(cache_dir)
     assert not {name for _, name in got} & left
     # Live downloads, fresh temporary files and every entry stay.

@@ -25,8 +25,8 @@ from asynchub import (
     ProgressEvent,
     ProgressKind,
 )
-from asynchub import _cache as cache
 from asynchub._display import ProgressDisplay, format_bytes, short_handle
+from asynchub._store import Store
 from tests._archives import make_module, tar_bytes, tree
 from tests._httpserver import Server
 
@@ -63,7 +63,7 @@ def bodies(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
 
 
 def complete(cache_dir: Path, handle: str) -> bool:
-    return cache.is_complete(cache.Entry(cache_dir, key(handle)))
+    return Store(cache_dir).lookup(key(handle)) is not None
 
 
 # -- results, order, duplicates ----------------------------------------------------

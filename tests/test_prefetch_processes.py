@@ -22,9 +22,9 @@ from asynchub import (
     PrefetchError,
     ProgressEvent,
     ProgressKind,
-    _worker,
+    _workers,
 )
-from asynchub import _cache as cache
+from asynchub._store import Entry, locks
 from tests._archives import make_module, tar_bytes
 from tests._httpserver import Server
 from tests.test_prefetch import _three_of_ten, complete, hub, key, leftovers
@@ -49,14 +49,14 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 def spawned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The pids of the worker processes started during the test."""
     pids: list[int] = []
-    spawn = _worker._spawn
+    spawn = _workers._spawn
 
     async def counting() -> anyio.abc.Process:
         process = await spawn()
         pids.append(process.pid)
         return process
 
-    monkeypatch.setattr(_worker, "_spawn", counting)
+    monkeypatch.setattr(_workers, "_spawn", counting)
     return pids
 
 
@@ -191,7 +191,7 @@ async def test_a_killed_worker_fails_its_handles_clearly(
     def progress(event: ProgressEvent) -> None:
         # The first bytes of /slow: kill the worker that fetches it (its pid is in the lock).
         if event.handle == slow and event.kind is ProgressKind.DOWNLOADING and not victim:
-            info = cache.parse_lock(cache.read_lock(cache.Entry(cache_dir, key(slow))) or "")
+            info = locks.parse_lock(locks.read_lock(Entry(cache_dir, key(slow))) or "")
             assert info is not None and info.pid in spawned
             victim.append(info.pid)
             os.kill(info.pid, signal.SIGKILL)
@@ -227,10 +227,10 @@ def test_sync_hub_and_module_helpers_take_processes(
 
 def test_error_round_trip() -> None:
     error = HTTPStatusError("h: 404", handle="h", url="http://x/h", status=404)
-    back = _worker.error_from_json(json.loads(json.dumps(_worker.error_to_json(error))))
+    back = _workers.error_from_json(json.loads(json.dumps(_workers.error_to_json(error))))
     assert type(back) is HTTPStatusError
     assert (str(back), back.handle, back.url, back.status) == ("h: 404", "h", "http://x/h", 404)
-    bug = _worker.error_from_json(_worker.error_to_json(ZeroDivisionError("x")))
+    bug = _workers.error_from_json(_workers.error_to_json(ZeroDivisionError("x")))
     assert type(bug) is HubError and str(bug) == "ZeroDivisionError: x"
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from asynchub import ArchiveError, HandleError, Retries, UnsafeArchiveError, _archive, _cache
+from asynchub import ArchiveError, HandleError, Retries, UnsafeArchiveError, _archive
 from asynchub._handles import HandleKind, cache_key, compressed_url, parse
 from asynchub._retry import is_retryable_status, parse_retry_after, retry_delay
+from asynchub._store import Entry, locks
 from tests._archives import make_module, tar_bytes, tree
 
 # -- handles ----------------------------------------------------------------------
@@ -212,31 +213,31 @@ def test_check_member_refuses(name: str, kind: bytes, message: str) -> None:
 
 
 def test_parse_lock_handles_dotted_host_names() -> None:
-    info = _cache.parse_lock("build.example.com.1234.abcdef")
+    info = locks.parse_lock("build.example.com.1234.abcdef")
     assert info is not None
     assert (info.host, info.pid, info.uid) == ("build.example.com", 1234, "abcdef")
-    assert _cache.parse_lock("garbage") is None
+    assert locks.parse_lock("garbage") is None
 
 
 def test_lock_is_exclusive_and_released_only_by_its_owner(tmp_path: Path) -> None:
-    entry = _cache.Entry(tmp_path, "k")
-    ours, theirs = _cache.lock_contents("a"), _cache.lock_contents("b")
-    assert _cache.try_acquire(entry, ours)
-    assert not _cache.try_acquire(entry, theirs)
-    _cache.release_lock(entry, theirs)
-    assert _cache.read_lock(entry) == ours
-    _cache.release_lock(entry, ours)
-    assert _cache.read_lock(entry) is None
+    entry = Entry(tmp_path, "k")
+    ours, theirs = locks.lock_contents("a"), locks.lock_contents("b")
+    assert locks.try_acquire(entry, ours)
+    assert not locks.try_acquire(entry, theirs)
+    locks.release_lock(entry, theirs)
+    assert locks.read_lock(entry) == ours
+    locks.release_lock(entry, ours)
+    assert locks.read_lock(entry) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_break_lock_only_breaks_the_expected_lock(tmp_path: Path) -> None:
-    entry = _cache.Entry(tmp_path, "k")
-    assert _cache.try_acquire(entry, "fresh.1.x")
-    assert not _cache.break_lock(entry, "stale.2.y")
-    assert _cache.read_lock(entry) == "fresh.1.x"  # put back
-    assert _cache.break_lock(entry, "fresh.1.x")
-    assert _cache.read_lock(entry) is None
+    entry = Entry(tmp_path, "k")
+    assert locks.try_acquire(entry, "fresh.1.x")
+    assert not locks.break_lock(entry, "stale.2.y")
+    assert locks.read_lock(entry) == "fresh.1.x"  # put back
+    assert locks.break_lock(entry, "fresh.1.x")
+    assert locks.read_lock(entry) is None
     assert list(tmp_path.iterdir()) == []
 
 
@@ -248,7 +249,7 @@ def test_holder_is_dead() -> None:
         check=True,
     )
     host = socket.gethostname()
-    assert _cache.holder_is_dead(_cache.LockInfo(host, int(dead.stdout), "u", ""))
-    assert not _cache.holder_is_dead(_cache.LockInfo(host, os.getppid(), "u", ""))
-    assert not _cache.holder_is_dead(_cache.LockInfo(host, os.getpid(), "u", ""))
-    assert not _cache.holder_is_dead(_cache.LockInfo("elsewhere", int(dead.stdout), "u", ""))
+    assert locks.holder_is_dead(locks.LockInfo(host, int(dead.stdout), "u", ""))
+    assert not locks.holder_is_dead(locks.LockInfo(host, os.getppid(), "u", ""))
+    assert not locks.holder_is_dead(locks.LockInfo(host, os.getpid(), "u", ""))
+    assert not locks.holder_is_dead(locks.LockInfo("elsewhere", int(dead.stdout), "u", ""))

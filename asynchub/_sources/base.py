@@ -1,0 +1,64 @@
+"""What a source is: where an archive's bytes come from, and nothing about the cache.
+
+A source yields the archive's bytes in order, resuming by itself where its
+protocol allows (it counts what it yielded, so a resume starts exactly there),
+and says how a failure may be met: :class:`Retry` for a failure another
+attempt from the start may fix, any other :class:`HubError` for one it will not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import HubError
+
+__all__ = ["Retry", "Source", "Transfer"]
+
+
+class Retry(Exception):
+    """An attempt failed in a way a fresh attempt may fix."""
+
+    def __init__(self, error: HubError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+@dataclass
+class Transfer:
+    """One download's progress, shared by the source and the hub's messages and events.
+
+    ``received`` and ``total`` start again with each attempt; ``stalled`` (seconds
+    spent waiting on reads or connects that timed out) adds up over the whole
+    download, so a server that keeps stalling is given up on in bounded time.
+    """
+
+    received: int = 0
+    total: int | None = None
+    content_type: str | None = None
+    stalled: float = 0.0
+
+    def restart(self) -> None:
+        self.received = 0
+        self.total = None
+        self.content_type = None
+
+
+#: Told when a source resumes by itself: the error that cut the stream.
+OnResume = Callable[[HubError], None]
+
+
+class Source(Protocol):
+    """A stream of one archive's bytes."""
+
+    #: Where the bytes come from, for messages (a URL, a path).
+    where: str
+    #: Whether an archive that ends early may be a cut connection worth a fresh
+    #: attempt (a network source), or is simply what the bytes are (a file).
+    retry_truncated: bool
+
+    def stream(self, transfer: Transfer, on_resume: OnResume) -> AsyncIterator[bytes]:
+        """Yield the archive's bytes from its start, updating ``transfer`` as they go."""
+        ...
