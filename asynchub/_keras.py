@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ._export import unique_names
 from ._module import Module, default_output, default_signature, load_module
-from ._sync import resolve
+from ._sync import Hub, resolve
 
 __all__ = ["KerasLayer"]
 
@@ -113,6 +113,11 @@ class KerasLayer(keras.layers.Layer):  # type: ignore[misc]  # Keras is untyped
     signature for inference and returns ``output_key``, every output as a dict
     (``signature_outputs_as_dict=True``), or the output ``"default"``/the only one.
 
+    The handle is resolved by ``hub`` (an :class:`asynchub.Hub`) if given, else by a
+    hub made with ``cache_dir`` and ``headers`` if either is given, else by the
+    default hub (``TFHUB_CACHE_DIR``). Only the handle goes into the layer's
+    config: a saved model does not carry credentials.
+
     Raises :class:`ModuleError` when ``trainable=True`` meets a signature: a signature
     has no training mode, no regularization losses and no list of trainable variables,
     so fine-tuning through it would silently train the wrong thing.
@@ -129,6 +134,9 @@ class KerasLayer(keras.layers.Layer):  # type: ignore[misc]  # Keras is untyped
         arguments: Mapping[str, Any] | None = None,
         tags: Iterable[str] | None = None,
         load_options: Any = None,
+        hub: Hub | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        headers: Mapping[str, str] | None = None,
         **layer_kwargs: Any,
     ) -> None:
         if keras.backend.backend() != "tensorflow":
@@ -144,7 +152,16 @@ class KerasLayer(keras.layers.Layer):  # type: ignore[misc]  # Keras is untyped
             raise ValueError("pass either output_key or signature_outputs_as_dict=True, not both")
         tag_list = [tags] if isinstance(tags, str) else None if tags is None else list(tags)
 
-        module = load_module(resolve(handle), handle=text, tags=tag_list, options=load_options)
+        if hub is not None and (cache_dir is not None or headers is not None):
+            raise ValueError("pass either hub= or hub options (cache_dir=, headers=), not both")
+        if hub is not None:
+            path = hub.resolve(handle)
+        elif cache_dir is not None or headers is not None:
+            with Hub(cache_dir=cache_dir, headers=headers) as own:
+                path = own.resolve(handle)
+        else:
+            path = resolve(handle)
+        module = load_module(path, handle=text, tags=tag_list, options=load_options)
         obj = module.obj
         # The restored tf.function behind the object's __call__, when it has one.
         call = obj.__call__ if signature is None and callable(obj) else None

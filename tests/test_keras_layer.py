@@ -421,3 +421,21 @@ def test_keras_layer_is_lazy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["asynchub._keras"]
+
+
+def test_the_layer_resolves_with_the_hub_or_hub_options_it_is_given(
+    server: Server, tmp_path: Path, published: tuple[Path, bytes]
+) -> None:
+    import asynchub
+
+    url = server.add("/private/1", body=published[1])
+    own = tmp_path / "own-cache"
+    layer = KerasLayer(url, cache_dir=own, headers={"X-Api-Key": "k"})
+    assert layer.module.path.parent == own
+    assert server.gets("/private/1")[-1].get("X-Api-Key") == "k"
+    assert "headers" not in layer.get_config() and "X-Api-Key" not in str(layer.get_config())
+    other = tmp_path / "hub-cache"
+    with asynchub.Hub(cache_dir=other) as hub:
+        assert KerasLayer(url, hub=hub).module.path.parent == other
+        with pytest.raises(ValueError, match="not both"):
+            KerasLayer(url, hub=hub, cache_dir=own)
