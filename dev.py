@@ -57,9 +57,10 @@ def tool(name: str) -> str:
 
 
 def lint() -> int:
+    paths = ("asynchub", "tests", "benchmarks", "examples", "dev.py")
     return (
-        run(tool("ruff"), "check", "asynchub", "tests", "benchmarks", "dev.py")
-        or run(tool("ruff"), "format", "--check", "asynchub", "tests", "benchmarks", "dev.py")
+        run(tool("ruff"), "check", *paths)
+        or run(tool("ruff"), "format", "--check", *paths)
         or run(tool("mypy"))
     )
 

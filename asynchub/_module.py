@@ -7,15 +7,25 @@ its inputs fit that plan. Inputs that are eager tensors of a dtype and shape see
 before go straight to the concrete function's flat-argument entry point; anything
 else takes the general path, which converts and validates the inputs, and whose
 first success for a given shape teaches the fast path that shape.
+
+From async code, :meth:`Module.acall` runs a call in a worker thread and
+:meth:`Module.batched` joins concurrent requests into one call (``_batching.py``);
+their binders here check each request against the same plan ``m(x)`` uses.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio.lowlevel
+import anyio.to_thread
+
+from ._batching import Batched, Binder, loop_threads
 from ._tf import import_tensorflow
 from .errors import ModuleError, SignatureError
 
@@ -27,6 +37,8 @@ __all__ = ["Module", "SignatureInfo", "TensorInfo", "load_module"]
 #: Distinct input shapes (per input) and call keys (per callable) the fast path
 #: remembers; past this, calls still work, through the general path.
 _FAST_PATH_LIMIT = 64
+#: Distinct (dtype, shape) pairs a batcher's binder remembers as already checked.
+_BINDER_LIMIT = 256
 _LISTING_LIMIT = 12
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 #: The order in which a module without a callable object picks its signature.
@@ -452,8 +464,13 @@ class _CallablePlan:
         """The flat call of the concrete function TensorFlow dispatches ``value`` to."""
         if self._function is None:
             return None
+        # Asked for value's exact shape, TensorFlow traces a new function around the
+        # restored one for each new shape: ~20 ms for a small MLP, ~1 s for MobileNetV2,
+        # at every new batch size. Asked for the restored trace's own spec (or value's
+        # with the batch dimension left open), it traces once for all batch sizes.
+        spec = self._spec_for(value)
         try:
-            concrete = self._function.get_concrete_function(value, **kwargs)
+            concrete = self._function.get_concrete_function(spec, **kwargs)
         except Exception:  # an optimisation only: the general path stays correct
             return None
         # One tensor goes in and the rest are literals baked into the trace, so the
@@ -461,6 +478,28 @@ class _CallablePlan:
         if len(concrete.inputs) - len(concrete.captured_inputs) != 1:
             return None
         return _flat_caller(concrete)
+
+    def _spec_for(self, value: Any) -> Any:
+        """The most general spec that dispatches like ``value`` (an eager tensor)."""
+        tf = self._tf
+        fitting = set()
+        for concrete in self._concrete:
+            args, _ = concrete.structured_input_signature
+            spec = args[0] if args else None
+            if (
+                isinstance(spec, tf.TensorSpec)
+                and spec.dtype == value.dtype
+                and spec.shape.is_compatible_with(value.shape)
+            ):
+                fitting.add((spec.dtype, tuple(spec.shape.as_list()) if spec.shape.rank else None))
+        if len(fitting) == 1:
+            dtype, dims = fitting.pop()
+            if dims is not None:
+                return tf.TensorSpec(dims, dtype)
+        dims = value._shape_tuple()
+        if not dims:
+            return value
+        return tf.TensorSpec([None, *dims[1:]], value.dtype)
 
     def _common_input_dtype(self) -> Any:
         """The dtype every restored trace takes as its first argument, if they agree."""
@@ -499,13 +538,148 @@ def _call_key(inputs: Any, kwargs: dict[str, Any]) -> Hashable | None:
     return (inputs.dtype, inputs._shape_tuple(), tuple(sorted(items)))
 
 
+# --- binding one request of a batcher -------------------------------------------------
+
+
+def _require_batch_dimension(where: str, name: str, spec: Any, handle: str) -> None:
+    """Raise :class:`SignatureError` unless ``spec`` can be joined with others along axis 0."""
+    dims = _dims(spec.shape)
+    if dims is None or not dims or dims[0] is not None:
+        raise SignatureError(
+            f"{where} cannot be batched: {name} has shape {_format_shape(dims)}, with no "
+            "leading batch dimension of any size ([?, ...]); call m.acall(...) per request",
+            handle=handle,
+        )
+
+
+class _SignatureBinder:
+    """Binds one request of ``m.batched(signature=...)``: checks, converts, finds its group.
+
+    The checks are the plan's own, so a request fails exactly as ``m(x)`` would;
+    inputs seen to pass once (an eager tensor of a known dtype and shape) skip them.
+    """
+
+    def __init__(self, plan: _SignaturePlan) -> None:
+        tf = plan._tf
+        for name in plan._names:
+            spec = plan._specs[name]
+            if not isinstance(spec, tf.TensorSpec):
+                raise SignatureError(
+                    f"{plan._where} cannot be batched: input {name!r} is a "
+                    f"{type(spec).__name__}, and only dense tensors are joined; "
+                    "call m.acall(...) per request",
+                    handle=plan._handle,
+                )
+            _require_batch_dimension(plan._where, f"input {name!r}", spec, plan._handle)
+        self._plan = plan
+        self._names = plan._names
+        self._single = len(plan._names) == 1
+        self._eager = plan._eager
+        self._seen: dict[tuple[Any, tuple[int, ...]], Hashable] = {}
+
+    def __call__(self, inputs: Any) -> tuple[Hashable | None, int, Any]:
+        if self._single and type(inputs) is self._eager:
+            shape = inputs._shape_tuple()
+            key = self._seen.get((inputs.dtype, shape))
+            if key is not None:
+                return key, shape[0], inputs
+        tensors = self._plan._bind(inputs, {})
+        shapes = [tuple(tensors[name].shape.as_list()) for name in self._names]
+        rows = {shape[0] for shape in shapes}
+        payload = tensors[self._names[0]] if self._single else tensors
+        if len(rows) != 1:  # the inputs disagree on the number of rows: no joining
+            return None, max(rows), payload
+        key = tuple(
+            (tensors[name].dtype, shape[1:])
+            for name, shape in zip(self._names, shapes, strict=True)
+        )
+        first = tensors[self._names[0]]
+        if self._single and type(first) is self._eager and len(self._seen) < _BINDER_LIMIT:
+            self._seen[(first.dtype, shapes[0])] = key
+        return key, shapes[0][0], payload
+
+
+class _CallableBinder:
+    """Binds one request of ``m.batched()`` on a callable object: one tensor, checked
+    against the input forms the object was traced for."""
+
+    def __init__(self, plan: _CallablePlan) -> None:
+        tf = plan._tf
+        where = f"the callable object of module {plan._handle!r}"
+        specs = []
+        for concrete in plan._concrete:
+            args, _ = concrete.structured_input_signature
+            spec = args[0] if args else None
+            if not isinstance(spec, tf.TensorSpec):
+                raise SignatureError(
+                    f"{where} cannot be batched: it takes {plan._accepted()}, not a single "
+                    "tensor first; pass signature= to batch one of its signatures",
+                    handle=plan._handle,
+                )
+            _require_batch_dimension(where, "its input", spec, plan._handle)
+            specs.append(spec)
+        if not specs:
+            raise SignatureError(
+                f"{where} cannot be batched: it has no traced input forms to check "
+                "requests against; pass signature=",
+                handle=plan._handle,
+            )
+        self._plan = plan
+        self._tf = tf
+        self._specs = tuple(specs)
+        self._eager = plan._eager
+        self._seen: dict[tuple[Any, tuple[int, ...]], Hashable] = {}
+
+    def __call__(self, inputs: Any) -> tuple[Hashable | None, int, Any]:
+        if type(inputs) is self._eager:
+            shape = inputs._shape_tuple()
+            key = self._seen.get((inputs.dtype, shape))
+            if key is not None:
+                return key, shape[0], inputs
+        tf, plan = self._tf, self._plan
+        if isinstance(inputs, tf.Tensor):
+            tensor = inputs
+        elif isinstance(inputs, tf.Variable):
+            tensor = tf.convert_to_tensor(inputs)
+        else:
+            try:
+                tensor = tf.convert_to_tensor(inputs, dtype=plan._dtype)
+            except (TypeError, ValueError) as exc:
+                dtype = (
+                    f"to {plan._dtype.name}, the dtype it takes"
+                    if plan._dtype is not None
+                    else "to a tensor"
+                )
+                raise SignatureError(
+                    f"module {plan._handle!r}: the input cannot be converted {dtype}: {exc}",
+                    handle=plan._handle,
+                ) from exc
+        dims = tensor.shape
+        if not any(
+            s.dtype == tensor.dtype and s.shape.is_compatible_with(dims) for s in self._specs
+        ):
+            raise SignatureError(
+                f"module {plan._handle!r}: its callable object does not accept a "
+                f"{tensor.dtype.name}{_format_shape(_dims(dims))} tensor; it accepts "
+                f"{plan._accepted()} (or pass signature=)",
+                handle=plan._handle,
+            )
+        shape = tuple(dims.as_list())
+        key = (tensor.dtype, shape[1:])
+        if type(tensor) is self._eager and len(self._seen) < _BINDER_LIMIT:
+            self._seen[(tensor.dtype, shape)] = key
+        return key, shape[0], tensor
+
+
 # --- the module -----------------------------------------------------------------------
 
 
 class Module:
     """A loaded SavedModel, applied with ``m(inputs, signature=..., as_dict=...)``.
 
-    Calls are thread-safe; the per-signature plans are built on first use.
+    Calls are thread-safe; the per-signature plans are built on first use. From
+    async code, ``await m.acall(...)`` and ``await m.batched(...)(...)`` keep the
+    event loop running, on asyncio and trio.
     """
 
     def __init__(self, obj: Any, *, path: Path, handle: str) -> None:
@@ -519,6 +693,8 @@ class Module:
             {name: SignatureInfo.from_function(name, fn) for name, fn in self._functions.items()}
         )
         self._plans: dict[str | None, _Plan] = {}
+        self._batchers: dict[tuple[Any, ...], Batched] = {}
+        self._tracked: tuple[Any, ...] | None = None
 
     def __call__(
         self,
@@ -543,6 +719,98 @@ class Module:
         if plan is None:
             plan = self._plan(signature)
         return plan(inputs, as_dict, kwargs)
+
+    async def acall(
+        self,
+        inputs: Any,
+        /,
+        *,
+        signature: str | None = None,
+        as_dict: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """``m(inputs, signature=..., as_dict=..., **kwargs)`` in a worker thread.
+
+        Same result, same errors; the event loop keeps running meanwhile. Calls share
+        a few threads of the module's own per event loop, since more would only fight
+        over the GIL. A cancelled call returns once the running TensorFlow call ends:
+        that cannot be interrupted, and nothing is left running behind.
+        """
+        call = functools.partial(self.__call__, inputs, signature=signature, as_dict=as_dict)
+        if kwargs:
+            call = functools.partial(call, **kwargs)
+        result = await anyio.to_thread.run_sync(call, limiter=loop_threads(self))
+        # The thread ran to its end even if the caller was cancelled meanwhile; the
+        # cancellation still wins over the result.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return result
+
+    def batched(
+        self,
+        signature: str | None = None,
+        *,
+        max_batch_size: int = 64,
+        max_delay: float = 0.002,
+        max_queue: int | None = None,
+        as_dict: bool = False,
+    ) -> Batched:
+        """An async callable that joins concurrent requests into one call of the module.
+
+        ``await b(inputs)`` takes one request, a batch of n >= 1 rows (a dict of them for
+        several inputs), and returns what ``m(inputs, signature=..., as_dict=...)``
+        returns for it. Requests arriving within ``max_delay`` seconds of the oldest
+        waiting one are joined along axis 0, up to ``max_batch_size`` rows, if their
+        dtypes and non-batch shapes agree; a bigger request runs alone. With
+        ``max_queue``, a request that finds that many rows already waiting fails at
+        once with :class:`~asynchub._batching.QueueFullError`; without, it waits.
+
+        The same arguments give the same batcher. Raises :class:`SignatureError` if
+        the signature (or callable object) has an input without a leading batch
+        dimension, or if ``as_dict=False`` has no single output to return.
+        """
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+            raise TypeError(f"max_batch_size must be an int, not {max_batch_size!r}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if not (isinstance(max_delay, (int, float)) and 0 <= max_delay < math.inf):
+            raise ValueError(
+                f"max_delay must be a finite number of seconds >= 0, got {max_delay!r}"
+            )
+        if max_queue is not None and (
+            isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1
+        ):
+            raise ValueError(f"max_queue must be None or an int >= 1, got {max_queue!r}")
+        key = (signature, as_dict, max_batch_size, float(max_delay), max_queue)
+        batcher = self._batchers.get(key)
+        if batcher is not None:
+            return batcher
+        plan = self._plans.get(signature) or self._plan(signature)
+        bind: Binder
+        if isinstance(plan, _SignaturePlan):
+            if plan._output is None and not as_dict:
+                raise plan._ambiguous_output()
+            bind, what = _SignatureBinder(plan), f"batched {plan._where}"
+        elif isinstance(plan, _CallablePlan):
+            bind, what = _CallableBinder(plan), f"batched module {self._handle!r}"
+        else:  # pragma: no cover - every plan is one of the two
+            raise TypeError(f"unexpected plan {plan!r}")
+
+        def call(payload: Any) -> Any:
+            return plan(payload, as_dict, {})
+
+        batcher = Batched(
+            owner=self,
+            tf=self._tf,
+            bind=bind,
+            call=call,
+            what=what,
+            handle=self._handle,
+            max_batch_size=max_batch_size,
+            max_delay=float(max_delay),
+            max_queue=max_queue,
+        )
+        # Two threads may race to make the same batcher; each works, one is kept.
+        return self._batchers.setdefault(key, batcher)
 
     def _plan(self, signature: str | None) -> _Plan:
         plan: _Plan
@@ -572,13 +840,42 @@ class Module:
 
     @property
     def variables(self) -> list[tf.Variable]:
-        """The SavedModel's ``variables`` attribute, or ``[]`` where it has none."""
-        return list(getattr(self._obj, "variables", ()))
+        """Every variable of the SavedModel.
+
+        Its ``variables`` attribute where it has one (TF Hub's reusable form, Keras);
+        else each variable its object graph tracks, once (a plain ``tf.Module`` export).
+        """
+        if hasattr(self._obj, "variables"):
+            return list(self._obj.variables)
+        return list(self._tracked_variables())
 
     @property
     def trainable_variables(self) -> list[tf.Variable]:
-        """The SavedModel's ``trainable_variables`` attribute, or ``[]``."""
-        return list(getattr(self._obj, "trainable_variables", ()))
+        """The variables to fine-tune.
+
+        The SavedModel's ``trainable_variables`` attribute; ``[]`` if it has a
+        ``variables`` attribute but not this one (the reusable form's way of saying
+        none); else the trainable ones among those its object graph tracks.
+        """
+        if hasattr(self._obj, "trainable_variables"):
+            return list(self._obj.trainable_variables)
+        if hasattr(self._obj, "variables"):
+            return []
+        return [v for v in self._tracked_variables() if v.trainable]
+
+    def _tracked_variables(self) -> tuple[Any, ...]:
+        found = self._tracked
+        if found is None:
+            tf = self._tf
+            # The graph of a SavedModel does not change once loaded: walk it once.
+            view = getattr(tf.train, "TrackableView", None)
+            nodes = view(self._obj).descendants() if view is not None else ()
+            unique: dict[int, Any] = {}
+            for node in nodes:
+                if isinstance(node, tf.Variable):
+                    unique.setdefault(id(node), node)
+            self._tracked = found = tuple(unique.values())
+        return found
 
     @property
     def regularization_losses(self) -> list[Callable[[], Any]]:

@@ -426,6 +426,19 @@ def test_callable_fast_path_keys_on_keyword_values(
 
 
 @pytest.mark.tf
+def test_callable_fast_path_traces_once_for_every_batch_size(fruit: Module, tf: Any) -> None:
+    # Binding to the input's exact shape traced a new function per batch size: ~1 s
+    # each for MobileNetV2, paid again by every new size a batcher joins.
+    function = fruit.obj.__call__
+    before = function.experimental_get_tracing_count()
+    for n in range(1, 12):
+        x = tf.fill([n, 3], float(n))
+        np.testing.assert_array_equal(fruit(x).numpy(), fruit(x).numpy())
+        np.testing.assert_array_equal(fruit(x).numpy(), 2 * x.numpy())
+    assert function.experimental_get_tracing_count() - before <= 1
+
+
+@pytest.mark.tf
 def test_callable_rejects_inputs_it_has_no_trace_for(reusable: Module, tf: Any) -> None:
     with pytest.raises(SignatureError, match=r"accepts \(float32\[\?, 2\]"):
         reusable(tf.ones([1, 3]))
@@ -486,8 +499,11 @@ def test_variables_and_regularization_losses(reusable: Module, fruit: Module) ->
     assert [v.name for v in reusable.trainable_variables] == ["w:0"]
     losses = [float(loss()) for loss in reusable.regularization_losses]
     assert losses == [2.5]
-    # A plain tf.Module saves none of these attributes.
-    assert fruit.variables == fruit.trainable_variables == fruit.regularization_losses == []
+    # A plain tf.Module saves none of these attributes: its variables are found by
+    # walking the object graph (tests/test_module_async.py has more).
+    assert [v.name for v in fruit.variables] == [v.name for v in fruit.trainable_variables]
+    assert [float(v.numpy()) for v in fruit.variables] == [2.0]
+    assert fruit.regularization_losses == []
 
 
 # --- Keras 3 --------------------------------------------------------------------------

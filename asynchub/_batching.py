@@ -1,0 +1,389 @@
+"""Applying a module from async code: the worker threads of ``acall`` and ``batched``.
+
+:class:`Batched` joins requests that arrive together along their leading (batch)
+axis, runs them as one call in a worker thread and splits the result back. It has
+no background task, so it needs no task group or context manager: the oldest
+waiting request *leads* the next batch. Its task waits out the batch window
+(``max_delay`` after that request arrived, or until ``max_batch_size`` rows are
+queued), then for a free worker thread, takes what has queued by then, hands the
+lead to the oldest request left over, and runs the batch. Every other request
+sleeps on an event of its own until its result is in. This works alike on asyncio
+and trio, and one batcher serves several event loops at once: each loop has its
+own queues and its own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Any, Final, TypeVar
+from weakref import WeakKeyDictionary
+
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar, checkpoint_if_cancelled
+
+from .errors import HubError
+
+__all__ = ["THREADS", "Batched", "Binder", "QueueFullError", "loop_threads"]
+
+T = TypeVar("T")
+
+#: Worker threads per module and event loop. TensorFlow's kernels use every core
+#: already; more threads only make calls fight over the GIL and stall the loop
+#: (measured: on anyio's default pool of 40 threads the loop stalled for 60-300 ms).
+THREADS: Final = 2
+
+#: Checks one request and returns (the key of the requests it may join, its rows,
+#: what to join); a key of ``None`` means it runs alone (its inputs disagree on rows).
+Binder = Callable[[Any], tuple[Hashable | None, int, Any]]
+
+# One table per event loop: owner (a Module, a Batched) -> its state on that loop.
+# Events and limiters belong to the loop they were made on, so nothing here is shared.
+# asyncio loops are found directly (this is on every request's path, and anyio's
+# lookup costs several times more); other back-ends through anyio's RunVar.
+_PER_ASYNCIO_LOOP: WeakKeyDictionary[asyncio.AbstractEventLoop, WeakKeyDictionary[object, Any]]
+_PER_ASYNCIO_LOOP = WeakKeyDictionary()
+_PER_LOOP: RunVar[WeakKeyDictionary[object, Any]] = RunVar("asynchub_per_loop")
+
+
+class QueueFullError(HubError):
+    """A batcher already held ``max_queue`` waiting rows: the request was refused at once."""
+
+
+def _per_loop(owner: object, factory: Callable[[], T]) -> T:
+    """``owner``'s state on the running event loop, made by ``factory`` on first use."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        table = _PER_ASYNCIO_LOOP.get(loop)
+        if table is None:
+            table = _PER_ASYNCIO_LOOP.setdefault(loop, WeakKeyDictionary())
+    else:
+        try:
+            table = _PER_LOOP.get()
+        except LookupError:
+            table = WeakKeyDictionary()
+            _PER_LOOP.set(table)
+    try:
+        state: T = table[owner]
+    except KeyError:
+        state = table[owner] = factory()
+    return state
+
+
+class _Threads:
+    """The worker threads one module may use on one event loop."""
+
+    __slots__ = ("limiter", "unlimited")
+
+    def __init__(self) -> None:
+        self.limiter = anyio.CapacityLimiter(THREADS)
+        # A batch takes its slot of `limiter` *before* it is cut, so that requests
+        # keep joining it while every thread is busy; its thread then comes from
+        # this limiter, which never makes anyone wait.
+        self.unlimited = anyio.CapacityLimiter(math.inf)
+
+
+def loop_threads(owner: object) -> anyio.CapacityLimiter:
+    """The limiter of ``owner``'s worker threads on the running event loop."""
+    return _per_loop(owner, _Threads).limiter
+
+
+# A request's life: waiting in its group, or waiting and chosen to lead the next
+# batch; then taken into a batch; then done (value or error set).
+_PENDING, _LEAD, _TAKEN, _DONE = range(4)
+_UNSET: Any = object()
+
+
+class _Request:
+    __slots__ = ("arrival", "done", "error", "payload", "rows", "state", "value")
+
+    def __init__(self, payload: Any, rows: int, done: anyio.Event) -> None:
+        self.payload = payload
+        self.rows = rows
+        self.arrival = time.monotonic()  # not the loop's clock: trio's has an offset
+        self.done = done
+        self.state = _PENDING
+        self.value: Any = _UNSET
+        self.error: BaseException | None = None
+
+
+class _Group:
+    """The requests that may be joined with each other (same dtypes and row shapes)."""
+
+    __slots__ = ("full", "led", "pending", "rows")
+
+    def __init__(self) -> None:
+        self.pending: deque[_Request] = deque()
+        self.rows = 0
+        self.led = False  # some request is leading the group's next batch
+        self.full: anyio.Event | None = None  # set when rows reach max_batch_size
+
+
+class _Queues:
+    """A batcher's state on one event loop."""
+
+    __slots__ = ("event", "groups", "waiting")
+
+    def __init__(self) -> None:
+        self.groups: dict[Hashable, _Group] = {}
+        self.waiting = 0  # rows admitted that have no worker thread yet
+        # anyio.Event() looks up the back-end on every call; its class does not.
+        self.event: Callable[[], anyio.Event] = type(anyio.Event())
+
+
+class Batched:
+    """An async callable that applies a module to concurrent requests joined into batches.
+
+    Made by :meth:`asynchub.Module.batched`. ``await b(inputs)`` returns what
+    ``m(inputs, signature=..., as_dict=...)`` returns for ``inputs``, and raises
+    what it raises.
+    """
+
+    def __init__(
+        self,
+        *,
+        owner: object,
+        tf: Any,
+        bind: Binder,
+        call: Callable[[Any], Any],
+        what: str,
+        handle: str,
+        max_batch_size: int,
+        max_delay: float,
+        max_queue: int | None,
+    ) -> None:
+        self._owner = owner  # whose worker threads the batches use
+        self._tf = tf
+        self._bind = bind
+        self._call = call
+        self._what = what
+        self._handle = handle
+        self._max_batch_size = max_batch_size
+        self._max_delay = max_delay
+        self._max_queue = max_queue
+        # The asyncio loop that called last, and its queues: most programs run one loop.
+        self._last: tuple[Callable[[], object], _Queues | None] = (lambda: None, None)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def max_delay(self) -> float:
+        return self._max_delay
+
+    @property
+    def max_queue(self) -> int | None:
+        return self._max_queue
+
+    def __repr__(self) -> str:
+        return (
+            f"<Batched {self._what}: max_batch_size={self._max_batch_size}, "
+            f"max_delay={self._max_delay}, max_queue={self._max_queue}>"
+        )
+
+    async def __call__(self, inputs: Any) -> Any:
+        """Apply the module to ``inputs`` (leading dimension: rows), batched with others."""
+        # Binding on the loop is cheap and makes a bad request fail alone, before joining.
+        key, rows, payload = self._bind(inputs)
+        last_loop, queues = self._last
+        loop = asyncio._get_running_loop()
+        if queues is None or loop is None or last_loop() is not loop:
+            queues = _per_loop(self, _Queues)
+            if loop is not None:
+                self._last = (weakref.ref(loop), queues)
+        if self._max_queue is not None and queues.waiting >= self._max_queue:
+            raise QueueFullError(
+                f"{self._what}: {queues.waiting} rows are already waiting "
+                f"(max_queue={self._max_queue}); the module is overloaded, try again later",
+                handle=self._handle,
+            )
+        if key is None or rows >= self._max_batch_size:
+            result = await self._alone(queues, rows, payload)
+            await checkpoint_if_cancelled()  # a cancelled caller gets no result
+            return result
+        group = queues.groups.get(key)
+        if group is None:
+            group = queues.groups[key] = _Group()
+        request = _Request(payload, rows, queues.event())
+        group.pending.append(request)
+        group.rows += rows
+        queues.waiting += rows
+        if not group.led:
+            group.led = True
+            await self._lead(queues, key, group, request)
+            await checkpoint_if_cancelled()
+        else:
+            if group.full is not None and group.rows >= self._max_batch_size:
+                group.full.set()
+            try:
+                await request.done.wait()
+            except BaseException:
+                self._withdraw(queues, key, group, request)
+                raise
+            if request.state == _LEAD:
+                await self._lead(queues, key, group, request)
+                await checkpoint_if_cancelled()
+        if request.error is not None:
+            raise request.error
+        return request.value
+
+    async def _alone(self, queues: _Queues, rows: int, payload: Any) -> Any:
+        """Run one request that is not joined with others, on the module's threads."""
+        threads = _per_loop(self._owner, _Threads)
+        token = object()
+        queues.waiting += rows
+        try:
+            await threads.limiter.acquire_on_behalf_of(token)
+        finally:
+            queues.waiting -= rows
+        try:
+            return await anyio.to_thread.run_sync(self._call, payload, limiter=threads.unlimited)
+        finally:
+            threads.limiter.release_on_behalf_of(token)
+
+    async def _lead(self, queues: _Queues, key: Hashable, group: _Group, me: _Request) -> None:
+        """Wait out the batch window and a free thread, cut the batch, run it, deliver it."""
+        me.state = _LEAD
+        threads = _per_loop(self._owner, _Threads)
+        token = object()
+        try:
+            if group.rows < self._max_batch_size:
+                left = group.pending[0].arrival + self._max_delay - time.monotonic()
+                if left > 0:
+                    group.full = anyio.Event()
+                    try:
+                        with anyio.move_on_after(left):
+                            await group.full.wait()
+                    finally:
+                        group.full = None
+            await threads.limiter.acquire_on_behalf_of(token)
+        except BaseException:
+            self._withdraw(queues, key, group, me)
+            raise
+        batch: list[_Request] = []
+        try:
+            batch = self._take(queues, group)
+            self._hand_over(queues, key, group)
+            # The batch carries other tasks' requests: it runs and is delivered even
+            # if this task is cancelled meanwhile.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._run, batch, limiter=threads.unlimited)
+        except BaseException as exc:  # only a bug in _run can land here; fail loudly
+            for request in batch:
+                if request.value is _UNSET and request.error is None:
+                    request.error = exc
+            raise
+        finally:
+            threads.limiter.release_on_behalf_of(token)
+            for request in batch:
+                request.state = _DONE
+                if request is not me:
+                    request.done.set()
+
+    def _take(self, queues: _Queues, group: _Group) -> list[_Request]:
+        """The oldest waiting requests, up to ``max_batch_size`` rows, in arrival order."""
+        batch: list[_Request] = []
+        rows, limit, pending = 0, self._max_batch_size, group.pending
+        while pending and rows + pending[0].rows <= limit:
+            request = pending.popleft()
+            request.state = _TAKEN
+            batch.append(request)
+            rows += request.rows
+        group.rows -= rows
+        queues.waiting -= rows
+        return batch
+
+    def _hand_over(self, queues: _Queues, key: Hashable, group: _Group) -> None:
+        """Make the oldest waiting request lead the next batch, or let the group go idle."""
+        if group.pending:
+            successor = group.pending[0]
+            successor.state = _LEAD
+            successor.done.set()
+        else:
+            group.led = False
+            if queues.groups.get(key) is group:
+                del queues.groups[key]
+
+    def _withdraw(self, queues: _Queues, key: Hashable, group: _Group, request: _Request) -> None:
+        """Take a cancelled request out of its queue; pass on the lead if it had it.
+
+        A request already taken into a batch is left alone: the batch runs for the
+        others, and this one's result is dropped.
+        """
+        if request.state not in (_PENDING, _LEAD):
+            return
+        group.pending.remove(request)
+        group.rows -= request.rows
+        queues.waiting -= request.rows
+        if request.state == _LEAD:
+            request.state = _DONE
+            self._hand_over(queues, key, group)
+        else:
+            request.state = _DONE
+
+    # --- in the worker thread ---------------------------------------------------------
+
+    def _run(self, batch: list[_Request]) -> None:
+        """Run ``batch`` as one call and split the result; else each request alone."""
+        if len(batch) > 1:
+            try:
+                output = self._call(self._join([r.payload for r in batch]))
+                parts = self._split(output, [r.rows for r in batch])
+            except Exception:
+                # A request that bound well can still make the joined call fail; running
+                # each alone leaves the error with the request that caused it.
+                parts = None
+            if parts is not None:
+                for request, part in zip(batch, parts, strict=True):
+                    request.value = part
+                return
+        for request in batch:
+            try:
+                request.value = self._call(request.payload)
+            except Exception as exc:
+                request.error = exc
+
+    def _join(self, payloads: list[Any]) -> Any:
+        concat = self._tf.concat
+        first = payloads[0]
+        if isinstance(first, dict):
+            return {name: concat([p[name] for p in payloads], 0) for name in first}
+        return concat(payloads, 0)
+
+    def _split(self, output: Any, sizes: list[int]) -> list[Any] | None:
+        """``output`` cut into pieces of ``sizes`` rows, in the same structure; ``None`` if
+        some output has no leading dimension of ``sum(sizes)`` (so it is not per row)."""
+        tf, total = self._tf, sum(sizes)
+
+        def cut(tensor: Any) -> list[Any] | None:
+            if not isinstance(tensor, tf.Tensor):
+                return None
+            dims = tensor.shape
+            if dims.rank is None or dims.rank == 0 or dims[0] != total:
+                return None
+            return list(tf.split(tensor, sizes, axis=0))
+
+        if isinstance(output, tf.Tensor):
+            return cut(output)
+        if type(output) is dict:
+            columns = {}
+            for name, value in output.items():
+                pieces = cut(value)
+                if pieces is None:
+                    return None
+                columns[name] = pieces
+            return [{name: columns[name][i] for name in output} for i in range(len(sizes))]
+        flat = tf.nest.flatten(output)
+        cuts = [cut(leaf) for leaf in flat]
+        if not flat or any(c is None for c in cuts):
+            return None
+        return [
+            tf.nest.pack_sequence_as(output, [c[i] for c in cuts])  # type: ignore[index]
+            for i in range(len(sizes))
+        ]
