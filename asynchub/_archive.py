@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ._integrity import tree_digest
 from .errors import ArchiveError, TruncatedArchiveError, UnsafeArchiveError
 
 __all__ = [
@@ -56,6 +57,7 @@ class Manifest:
 
     ``sha256`` (hex) and ``archive_bytes`` describe the archive exactly as pulled
     (compressed, trailing padding included), not what it extracts to.
+    ``file_sha256`` holds each file's sha256 when extraction was asked for it.
     """
 
     files: dict[str, int] = field(default_factory=dict)
@@ -63,10 +65,18 @@ class Manifest:
     compressed: bool = False
     sha256: str = ""
     archive_bytes: int = 0
+    file_sha256: dict[str, str] | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(self.files.values())
+
+    @property
+    def tree_sha256(self) -> str | None:
+        """The content digest (``_integrity.tree_digest``), if every file was hashed."""
+        if self.file_sha256 is None:
+            return None
+        return tree_digest(self.files, self.file_sha256)
 
 
 def gzip_backend(name: str | None = None) -> tuple[str, ModuleType]:
@@ -127,6 +137,7 @@ class _Inflater:
     ) -> None:
         self._pull = pull
         self._backend = backend
+        self._errors: tuple[type[Exception], ...] = (zlib.error, backend.error)
         self._eof = False
         # Hashed as pulled, one update per chunk: hashlib drops the GIL for large
         # updates, so this costs no Python work per byte.
@@ -180,6 +191,14 @@ class _Inflater:
         """Return the next piece of tar bytes, ``b""`` at the end."""
         if self._dec is None:
             return self._next_raw()
+        try:
+            return self._inflate()
+        except self._errors as exc:
+            # Wrapped here, not left to tarfile: it would turn zlib's error (but not
+            # isal's) into a ReadError, so the message would depend on the back-end.
+            raise ArchiveError(f"corrupt gzip data: {exc}") from exc
+
+    def _inflate(self) -> bytes:
         while True:
             tail = self._dec.unconsumed_tail
             if tail:
@@ -369,16 +388,20 @@ def extract(
     limit: int,
     content_type: _ContentType = None,
     backend: str | None = None,
+    file_digests: bool = False,
 ) -> Manifest:
     """Extract the tar or tar.gz stream that ``pull`` yields into the existing dir ``dest``.
 
     Raises ArchiveError on a corrupt archive, UnsafeArchiveError on an unsafe one
     and TruncatedArchiveError on one that ends early; the caller removes ``dest``
-    then. Every pulled byte is counted and hashed into the manifest.
+    then. Every pulled byte is counted and hashed into the manifest; with
+    ``file_digests`` every file written is hashed too (about 15 % more time in
+    this thread, so only when asked: see docs/design.md).
     """
     _, module = gzip_backend(backend)
     source = _Inflater(pull, module, content_type)
     manifest = Manifest(compressed=source.kind == "gzip")
+    sums: dict[str, str] | None = {} if file_digests else None
     dest_real = os.path.realpath(dest)
     extracted = 0
     dirs: dict[str, str] = {}  # every directory, explicit or implied: the member behind it
@@ -401,8 +424,11 @@ def extract(
                     manifest.dirs.add(rel)
                     continue
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                extracted += _write_member(tar, member, target)
+                sha = hashlib.sha256() if sums is not None else None
+                extracted += _write_member(tar, member, target, sha)
                 manifest.files[rel] = member.size
+                if sums is not None and sha is not None:
+                    sums[rel] = sha.hexdigest()
             if not tar.reached_end:
                 if source.starved:
                     raise TruncatedArchiveError(
@@ -419,14 +445,15 @@ def extract(
         if source.starved:
             raise TruncatedArchiveError(f"the archive is truncated: {exc}") from exc
         raise ArchiveError(f"corrupt tar archive: {exc}") from exc
-    except (zlib.error, module.error) as exc:
-        raise ArchiveError(f"corrupt gzip data: {exc}") from exc
     manifest.sha256 = source.sha256
     manifest.archive_bytes = source.archive_bytes
+    manifest.file_sha256 = sums
     return manifest
 
 
-def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: str) -> int:
+def _write_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, target: str, sha: Any = None
+) -> int:
     src = tar.extractfile(member)
     if src is None:  # pragma: no cover - regular files always have data
         raise ArchiveError(f"member {member.name!r} has no data")
@@ -436,6 +463,8 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: str) ->
             block = src.read(_COPY)
             if not block:
                 break
+            if sha is not None:
+                sha.update(block)
             out.write(block)
             written += len(block)
     if written != member.size:

@@ -12,6 +12,7 @@ the CLI to print.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import re
@@ -108,6 +109,10 @@ class EntryCheck:
     missing: list[str] = field(default_factory=list)  #: files (and dirs, ending "/") not there
     wrong_size: list[tuple[str, int, int]] = field(default_factory=list)  #: (path, want, have)
     problem: str | None = None  #: why it is incomplete, in a phrase
+    #: with ``digests``: files whose sha256 is not the recorded one
+    wrong_digest: list[str] = field(default_factory=list)
+    #: with ``digests``: True if every file was re-hashed, None if none were recorded
+    digests_checked: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,6 +125,8 @@ class EntryCheck:
                 {"path": p, "expected": want, "actual": have} for p, want, have in self.wrong_size
             ],
             "problem": self.problem,
+            "wrong_digest": self.wrong_digest,
+            "digests_checked": self.digests_checked,
         }
 
 
@@ -487,17 +494,50 @@ def _span(delta: datetime.timedelta | None) -> str:
 # -- verify ------------------------------------------------------------------------
 
 
-def verify(cache_dir: Path) -> list[EntryCheck]:
+def verify(cache_dir: Path, digests: bool = False) -> list[EntryCheck]:
     """Check every entry against its manifest: which are complete, and what is missing.
 
     An entry without a manifest (tensorflow_hub wrote it) can only be checked
-    for a ``saved_model.pb``/``.pbtxt`` at its root.
+    for a ``saved_model.pb``/``.pbtxt`` at its root. With ``digests``, every
+    file of a complete entry whose record holds per-file sha256 (extracted
+    with ``file_digests=True``, or copied from an ``s3://``/``gs://`` prefix)
+    is read and hashed again: a file changed in place, same size, is found.
+    The archive's own sha256 cannot be checked this way (the archive is not
+    kept), so entries without per-file digests say so and pass.
     """
     checks = []
     for key in _keys(cache_dir):
         entry = cache.Entry(cache_dir, key)
-        checks.append(_check(entry))
+        check = _check(entry)
+        if digests and check.complete:
+            check = _check_digests(entry, check)
+        checks.append(check)
     return sorted(checks, key=lambda c: (c.handle or "", c.key))
+
+
+def _check_digests(entry: cache.Entry, check: EntryCheck) -> EntryCheck:
+    record = cache.read_manifest(entry) or {}
+    sums = record.get("file_sha256")
+    if not isinstance(sums, dict):
+        return dataclasses.replace(check, digests_checked=None)
+    wrong = []
+    for rel, want in sorted(sums.items()):
+        try:
+            have = cache.hash_files(entry, [rel])[rel]
+        except OSError:
+            wrong.append(rel)
+            continue
+        if have != want:
+            wrong.append(rel)
+    if not wrong:
+        return dataclasses.replace(check, digests_checked=True)
+    return dataclasses.replace(
+        check,
+        complete=False,
+        digests_checked=True,
+        wrong_digest=wrong,
+        problem=f"{len(wrong)} file(s) no longer have their recorded sha256",
+    )
 
 
 def _check(entry: cache.Entry) -> EntryCheck:

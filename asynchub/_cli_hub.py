@@ -1,4 +1,4 @@
-"""The ``prefetch``, ``resolve`` and ``cache`` commands of the ``asynchub`` command line.
+"""The ``prefetch``, ``resolve``, ``lock``, ``mirror`` and ``cache`` commands of ``asynchub``.
 
 ``asynchub.cli`` adds :data:`COMMANDS` to its click group. Every command exits
 non-zero with a one-line ``error: …`` on stderr when a HubError stops it, and
@@ -22,9 +22,13 @@ import click
 from . import _cachetools as tools
 from ._config import default_cache_dir
 from ._display import ProgressDisplay, error_text, format_bytes
-from ._handles import key_of
+from ._handles import HandleKind, key_of, parse
+from ._integrity import LockEntry, lock_text, read_lock
 from ._progress import ProgressEvent
 from .errors import HubError
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["COMMANDS", "parse_duration"]
 
@@ -132,6 +136,15 @@ def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str
 @click.option("--offline", is_flag=True, help="Use the cache only; fail for anything missing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @click.option(
+    "--lockfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=(
+        "Refuse any archive that does not match this lock file (from 'asynchub lock'), "
+        "and any handle it does not list. With no HANDLE, fetch every handle it lists."
+    ),
+)
+@click.option(
     "-p",
     "--processes",
     type=click.IntRange(min=1),
@@ -149,6 +162,7 @@ def prefetch_command(
     from_file: IO[str] | None,
     offline: bool,
     quiet: bool,
+    lockfile: Path | None,
     processes: int | None,
     as_json: bool,
 ) -> None:
@@ -163,6 +177,9 @@ def prefetch_command(
     from ._hub import AsyncHub
 
     wanted = _read_handles(handles, from_file)
+    if not wanted and lockfile is not None:
+        with _errors():
+            wanted = sorted(read_lock(lockfile))
     if not wanted:
         raise click.UsageError("no handles given (pass HANDLE... or --from-file FILE)")
     callback, display = _progress_callback(quiet)
@@ -175,6 +192,7 @@ def prefetch_command(
             offline=True if offline else None,
             max_concurrency=jobs,
             progress=callback,
+            lockfile=lockfile,
         ) as hub:
             return await hub.prefetch(wanted, return_exceptions=True, processes=processes)
 
@@ -267,6 +285,141 @@ def resolve_command(
         _emit_json({"handle": handle, "path": str(path)})
     else:
         click.echo(str(path))
+
+
+# -- lock / mirror ---------------------------------------------------------------------
+
+
+@click.command("lock")
+@click.argument("handles", nargs=-1, metavar="HANDLE...")
+@_cache_dir_option
+@click.option(
+    "--from-file",
+    type=click.File("r"),
+    default=None,
+    help="Read more handles from FILE, one a line ('#' comments; '-' is stdin).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def lock_command(
+    handles: tuple[str, ...], cache_dir: Path | None, from_file: IO[str] | None, quiet: bool
+) -> None:
+    """Print a lock file pinning each HANDLE: its archive's sha256 and size, its content digest.
+
+    Fetches from the origin what the cache does not hold with a digest from the
+    origin (mirrors are not used). Save it (asynchub lock ... > asynchub.lock)
+    and pass it as AsyncHub(lockfile=...) or 'asynchub prefetch --lockfile'.
+    """
+    from ._hub import AsyncHub
+
+    wanted = _read_handles(handles, from_file)
+    if not wanted:
+        raise click.UsageError("no handles given (pass HANDLE... or --from-file FILE)")
+    callback, display = _progress_callback(quiet)
+
+    async def run() -> list[LockEntry]:
+        import anyio
+
+        found: dict[str, LockEntry] = {}
+        # No mirrors and no lock file from the environment: digests come from the origin.
+        async with (
+            AsyncHub(cache_dir=cache_dir, progress=callback, mirrors=[], lockfile="") as hub,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def one(handle: str) -> None:
+                found[handle] = await hub.lock_entry(handle)
+
+            for handle in dict.fromkeys(wanted):
+                tg.start_soon(one, handle)
+        return [found[h] for h in dict.fromkeys(wanted)]
+
+    with _errors():
+        if display is not None:
+            display.start()
+        try:
+            entries = _run_hub_errors(run)
+        finally:
+            if display is not None:
+                display.stop()
+    click.echo(lock_text(entries), nl=False)
+
+
+@click.group("mirror")
+def mirror_group() -> None:
+    """Keep copies of modules where a fleet fetches them first (AsyncHub(mirrors=...))."""
+
+
+@mirror_group.command("push")
+@click.argument("mirror")
+@click.argument("handles", nargs=-1, required=True, metavar="HANDLE...")
+@_cache_dir_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@_json_option
+def mirror_push(
+    mirror: str, handles: tuple[str, ...], cache_dir: Path | None, quiet: bool, as_json: bool
+) -> None:
+    """Upload each HANDLE's cached module to MIRROR as <cache key>.tar.gz (packed reproducibly).
+
+    MIRROR is s3://bucket[/prefix], gs://bucket[/prefix] or a local directory.
+    HANDLEs are http(s) URLs (mirrors stand in for those); one not cached yet
+    is fetched from its origin first.
+    """
+    from . import _mirrors
+    from ._hub import AsyncHub
+
+    with _errors():
+        for handle in handles:
+            if parse(handle).kind is not HandleKind.URL:
+                raise HubError(
+                    f"{handle}: mirrors stand in for http(s) handles only", handle=handle
+                )
+        if _mirrors.kind_of(_mirrors.normalise(mirror)) == "http":
+            raise HubError(
+                f"cannot push to {mirror}: an http(s) mirror is read-only here; push to the "
+                "bucket or directory behind it",
+                handle=mirror,
+            )
+    callback, display = _progress_callback(quiet)
+
+    async def run() -> list[tuple[str, str]]:
+        pushed = []
+        async with AsyncHub(cache_dir=cache_dir, progress=callback, mirrors=[]) as hub:
+            for handle in dict.fromkeys(handles):
+                path = await hub.resolve(handle)
+                where = await _mirrors.push(mirror, path, key_of(handle), hub.object_stores)
+                pushed.append((handle, where))
+        return pushed
+
+    with _errors():
+        if display is not None:
+            display.start()
+        try:
+            pushed = _run_hub_errors(run)
+        finally:
+            if display is not None:
+                display.stop()
+    if as_json:
+        _emit_json({"mirror": mirror, "pushed": [{"handle": h, "to": w} for h, w in pushed]})
+    else:
+        for handle, where in pushed:
+            click.echo(f"{where}\t{handle}")
+
+
+def _run_hub_errors(func: Callable[[], Awaitable[_T]]) -> _T:
+    """:func:`_run`, with a lone HubError out of a task group raised as itself."""
+    try:
+        return _run(func)
+    except BaseExceptionGroup as group:
+        errors = [e for e in _leaves(group) if isinstance(e, HubError)]
+        if errors:
+            raise errors[0] from group
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def _run(func: Callable[[], Awaitable[_T]]) -> _T:
@@ -387,12 +540,21 @@ def cache_prune(
 
 @cache_group.command("verify")
 @_cache_dir_option
+@click.option(
+    "--digests",
+    is_flag=True,
+    help=(
+        "Also read every file and compare its sha256 with the one recorded when it was "
+        "written (entries fetched with file_digests=True or ASYNCHUB_FILE_DIGESTS=1, "
+        "and s3:// / gs:// prefixes)."
+    ),
+)
 @_json_option
-def cache_verify(cache_dir: Path | None, as_json: bool) -> None:
+def cache_verify(cache_dir: Path | None, digests: bool, as_json: bool) -> None:
     """Check every entry against its completeness record; exit 1 if any is incomplete."""
     root = _dir(cache_dir)
     with _errors():
-        checks = tools.verify(root)
+        checks = tools.verify(root, digests=digests)
     bad = [c for c in checks if not c.complete]
     if as_json:
         _emit_json(
@@ -402,6 +564,12 @@ def cache_verify(cache_dir: Path | None, as_json: bool) -> None:
         for c in checks:
             if c.complete:
                 note = "" if c.has_manifest else " (no manifest: saved_model.pb present)"
+                if digests:
+                    note += (
+                        " (files hashed: as recorded)"
+                        if c.digests_checked
+                        else " (no file digests recorded: sizes only)"
+                    )
                 click.echo(f"ok          {c.key[:12]}  {c.handle or '?'}{note}")
                 continue
             click.echo(f"INCOMPLETE  {c.key[:12]}  {c.handle or '?'}: {c.problem}")
@@ -409,13 +577,21 @@ def cache_verify(cache_dir: Path | None, as_json: bool) -> None:
                 click.echo(f"    missing     {rel}")
             for rel, want, have in c.wrong_size:
                 click.echo(f"    wrong size  {rel}: {have} bytes, expected {want}")
+            for rel in c.wrong_digest:
+                click.echo(f"    changed     {rel}: its sha256 is not the recorded one")
         click.echo(f"{len(checks) - len(bad)} of {len(checks)} entries complete", err=True)
     if bad:
         raise click.exceptions.Exit(1)
 
 
 #: The commands ``asynchub.cli`` registers into its group.
-COMMANDS: list[click.Command] = [prefetch_command, resolve_command, cache_group]
+COMMANDS: list[click.Command] = [
+    prefetch_command,
+    resolve_command,
+    lock_command,
+    mirror_group,
+    cache_group,
+]
 
 
 def _main(argv: Sequence[str] | None = None) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 __all__ = ["HubConfig", "Retries", "Timeouts"]
 
@@ -14,6 +15,11 @@ ENV_CACHE_DIR = "TFHUB_CACHE_DIR"
 ENV_OFFLINE = "ASYNCHUB_OFFLINE"
 ENV_PROGRESS = "TFHUB_DOWNLOAD_PROGRESS"
 ENV_GZIP = "ASYNCHUB_GZIP"
+ENV_MIRRORS = "ASYNCHUB_MIRRORS"
+ENV_LOCKFILE = "ASYNCHUB_LOCKFILE"
+ENV_FILE_DIGESTS = "ASYNCHUB_FILE_DIGESTS"
+
+MirrorMismatch = Literal["raise", "origin"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -103,6 +109,19 @@ class HubConfig:
     #: The gzip implementation extraction uses ("isal", "zlib-ng", "zlib"); None picks
     #: the fastest one installed.
     gzip_backend: str | None = None
+    #: Where http(s) handles are looked for first, as ``<mirror>/<cache key>.tar.gz``.
+    mirrors: tuple[str, ...] = ()
+    #: A lock file: every archive must match its pins, and handles it lacks are refused.
+    lockfile: Path | None = None
+    #: What a mirror's copy that fails its pin leads to: an IntegrityError ("raise"),
+    #: or a download from the origin ("origin").
+    on_mirror_mismatch: MirrorMismatch = "raise"
+    #: Options for ``s3://`` and ``gs://`` stores (obstore's S3Config/GCSConfig and
+    #: ClientConfig keys), over the environment.
+    s3_options: Mapping[str, Any] = field(default_factory=dict)
+    gcs_options: Mapping[str, Any] = field(default_factory=dict)
+    #: Record every extracted file's sha256 (``asynchub cache verify --digests``).
+    file_digests: bool = False
 
     @classmethod
     def from_env(
@@ -119,10 +138,28 @@ class HubConfig:
         lock_timeout: float | None = None,
         progress: bool | None = None,
         gzip_backend: str | None = None,
+        mirrors: Sequence[str] | str | None = None,
+        lockfile: str | os.PathLike[str] | None = None,
+        on_mirror_mismatch: MirrorMismatch | None = None,
+        s3_options: Mapping[str, Any] | None = None,
+        gcs_options: Mapping[str, Any] | None = None,
+        file_digests: bool | None = None,
     ) -> HubConfig:
         """Build a config from keyword arguments, the environment filling what is not given."""
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if on_mirror_mismatch not in (None, "raise", "origin"):
+            raise ValueError(
+                f"on_mirror_mismatch must be 'raise' or 'origin', got {on_mirror_mismatch!r}"
+            )
+        if mirrors is None:
+            mirrors = os.environ.get(ENV_MIRRORS, "")
+        if isinstance(mirrors, str):
+            mirrors = mirrors.split(",")
+        if lockfile is None:
+            lockfile = os.environ.get(ENV_LOCKFILE, "").strip() or None
+        elif not os.fspath(lockfile):
+            lockfile = None  # "" turns a lock file in the environment off
         defaults = cls(cache_dir=Path())
         return cls(
             cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
@@ -138,6 +175,12 @@ class HubConfig:
             lock_timeout=lock_timeout,
             progress=env_flag(ENV_PROGRESS) if progress is None else progress,
             gzip_backend=gzip_backend or os.environ.get(ENV_GZIP, "").strip().lower() or None,
+            mirrors=tuple(m.strip() for m in mirrors if m.strip()),
+            lockfile=None if lockfile is None else Path(lockfile).expanduser(),
+            on_mirror_mismatch=on_mirror_mismatch or "raise",
+            s3_options=dict(s3_options or {}),
+            gcs_options=dict(gcs_options or {}),
+            file_digests=env_flag(ENV_FILE_DIGESTS) if file_digests is None else file_digests,
         )
 
 

@@ -1,13 +1,17 @@
 """Handle parsing and cache keys: pure functions, no I/O beyond a stat.
 
-An http(s) handle's key is tensorflow_hub's: sha1 of the handle as given. A local
-archive's key is sha1 of its absolute path, so the same file named from two
-directories is one entry and two files of one name are two; its size and mtime
-go with the parsed handle, and an entry extracted from other bytes is stale.
+An http(s), ``s3://`` or ``gs://`` handle's key is tensorflow_hub's: sha1 of
+the handle as given, after a ``#sha256=`` fragment (a pinned digest) is
+stripped. A local archive's key is sha1 of its absolute path, so the same file
+named from two directories is one entry and two files of one name are two; its
+size and mtime go with the parsed handle, and an entry extracted from other
+bytes is stale.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import hashlib
 import os
@@ -19,6 +23,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from ._integrity import split_fragment
 from ._types import Handle
 from .errors import HandleError
 
@@ -30,6 +35,7 @@ __all__ = [
     "compressed_url",
     "key_of",
     "parse",
+    "split_object_url",
 ]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -38,14 +44,19 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 _FORMS = (
     "a local module directory, a local .tar/.tar.gz/.tgz archive (path or file:// URL), "
-    "or an http(s):// URL"
+    "an http(s):// URL, or an s3:// or gs:// archive object (…/m.tar.gz) or prefix (…/dir/)"
 )
+OBJECT_SCHEMES = ("s3", "gs")
+# S3's and GCS's bucket rules, loosely: lower-case letters, digits, dots, dashes, underscores.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 
 
 class HandleKind(enum.Enum):
     DIRECTORY = "directory"  #: used in place
     ARCHIVE = "archive"  #: a local archive, extracted into the cache
     URL = "url"  #: fetched over HTTP, extracted into the cache
+    OBJECT = "object"  #: an s3:// or gs:// archive object, extracted into the cache
+    PREFIX = "prefix"  #: an s3:// or gs:// prefix holding an unpacked module, copied file by file
 
 
 @dataclass(frozen=True)
@@ -55,15 +66,26 @@ class ParsedHandle:
     text: str  #: the handle as given
     kind: HandleKind
     path: Path | None = None  #: DIRECTORY and ARCHIVE (absolute for ARCHIVE)
-    url: str | None = None  #: URL: the address with ``tf-hub-format=compressed`` added
+    #: URL: the address with ``tf-hub-format=compressed`` added; OBJECT and PREFIX:
+    #: ``s3://bucket/key`` (a PREFIX's ends with "/")
+    url: str | None = None
     #: ARCHIVE: (size, mtime_ns) of the file when parsed; an entry from other bytes is stale
     stamp: tuple[int, int] | None = None
+    #: the sha256 (hex) pinned by a ``#sha256=`` fragment
+    digest: str | None = None
+    #: the handle without that fragment (None: the same as ``text``)
+    base: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The handle that names the cache entry: as given, less a ``#sha256=`` fragment."""
+        return self.text if self.base is None else self.base
 
     @property
     def key(self) -> str:
         if self.kind is HandleKind.ARCHIVE and self.path is not None:
             return cache_key(os.fspath(self.path))
-        return cache_key(self.text)
+        return cache_key(self.name)
 
     @property
     def source(self) -> str:
@@ -82,6 +104,8 @@ def key_of(text: str) -> str:
         return parse(text).key
     except HandleError:
         pass
+    with contextlib.suppress(HandleError):
+        text = split_fragment(text)[0]
     if text.lower().startswith("file://"):
         try:
             return cache_key(os.path.abspath(unquote(urlsplit(text).path)))
@@ -116,9 +140,25 @@ def parse(handle: Handle) -> ParsedHandle:
         raise HandleError(f"empty handle; expected {_FORMS}", handle=text)
     if "\0" in text:
         raise HandleError(f"handle {text!r} contains a NUL character", handle=text)
+    if "#sha256=" in text:
+        base, digest = split_fragment(text)
+        parsed = _parse(base)
+        if parsed.kind is HandleKind.DIRECTORY:
+            raise HandleError(
+                f"{text}: a digest pins an archive's bytes, but {base} is a directory "
+                "(used in place, never fetched)",
+                handle=text,
+            )
+        return dataclasses.replace(parsed, text=text, digest=digest, base=base)
+    return _parse(text)
+
+
+def _parse(text: str) -> ParsedHandle:
     lower = text.lower()
     if lower.startswith(("http://", "https://")):
         return ParsedHandle(text, HandleKind.URL, url=_checked_url(text))
+    if lower.startswith(("s3://", "gs://")):
+        return _object(text)
     if lower.startswith("file://"):
         try:
             parts = urlsplit(text)
@@ -138,6 +178,37 @@ def parse(handle: Handle) -> ParsedHandle:
             f"unsupported scheme {scheme!r} in handle {text!r}; expected {_FORMS}", handle=text
         )
     return _local(text, Path(text).expanduser(), must_be_archive=False)
+
+
+def split_object_url(url: str) -> tuple[str, str, str]:
+    """``("s3" | "gs", bucket, key)`` of an object-store URL (the key may be "" or end with "/")."""
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.partition("/")
+    return scheme.lower(), bucket, key
+
+
+def _object(text: str) -> ParsedHandle:
+    """An ``s3://`` or ``gs://`` handle: an archive object, or a prefix holding a module."""
+    scheme, bucket, key = split_object_url(text)
+    if not _BUCKET.match(bucket):
+        raise HandleError(
+            f"{text!r} names no valid bucket ({bucket!r}: 3-222 lower-case letters, digits, "
+            f"dots, dashes); expected {scheme}://BUCKET/KEY.tar.gz or {scheme}://BUCKET/PREFIX/",
+            handle=text,
+        )
+    if "//" in key or key.startswith("/") or any(p in (".", "..") for p in key.split("/")):
+        raise HandleError(
+            f"{text!r}: the object key {key!r} has an empty, '.' or '..' path segment",
+            handle=text,
+        )
+    url = f"{scheme}://{bucket}/{key}"
+    if key.lower().endswith(ARCHIVE_SUFFIXES):
+        return ParsedHandle(text, HandleKind.OBJECT, url=url)
+    # Anything else names a directory-like prefix: "…/dir" and "…/dir/" list the same
+    # objects (a listing is by path segment), though they are two handles, two keys.
+    if key and not key.endswith("/"):
+        url += "/"
+    return ParsedHandle(text, HandleKind.PREFIX, url=url)
 
 
 def _checked_url(text: str) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
-from collections.abc import AsyncGenerator, Iterable, Mapping
+import tarfile
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +19,38 @@ import httpx
 from anyio import from_thread, to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._archive import Manifest, extract
+from . import _mirrors
+from ._archive import Manifest, check_conflict, check_member, extract
 from ._archive import gzip_backend as find_gzip_backend
-from ._config import HubConfig, Retries, Timeouts
+from ._config import HubConfig, MirrorMismatch, Retries, Timeouts
 from ._handles import HandleKind, ParsedHandle, parse
+from ._integrity import LockEntry, Pin, parse_digest, read_lock
 from ._progress import ProgressEvent, ProgressKind
 from ._retry import retry_delay
-from ._sources import FileSource, HttpSource, Retry, Source, Transfer
-from ._store import Claim, Store
+from ._sources import (
+    FileSource,
+    HttpSource,
+    ObjectPrefix,
+    ObjectSource,
+    ObjectStores,
+    Retry,
+    Source,
+    Transfer,
+)
+from ._store import Accept, Claim, Record, Store
 from ._types import Handle, ProgressCallback
 from .errors import (
     ArchiveError,
+    CacheError,
+    HandleError,
+    HTTPStatusError,
     HubClosedError,
     HubError,
+    IntegrityError,
     MissingDependencyError,
     OfflineError,
     TruncatedArchiveError,
+    UnsafeArchiveError,
 )
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -46,6 +64,7 @@ __all__ = ["AsyncHub"]
 
 _STREAM_BUFFER = 4  # pieces (of ~chunk_size) between the network task and the extractor
 _URL_MEMO = 4096  # parsed URL handles kept per hub
+_PREFIX_CONCURRENCY = 8  # objects of one s3:// / gs:// prefix fetched at once
 
 
 @dataclass
@@ -82,6 +101,12 @@ class AsyncHub:
         transport: httpx.AsyncBaseTransport | None = None,
         gzip_backend: str | None = None,
         keep_alive: bool = True,
+        mirrors: Sequence[str] | str | None = None,
+        lockfile: str | os.PathLike[str] | None = None,
+        on_mirror_mismatch: MirrorMismatch | None = None,
+        s3_options: Mapping[str, Any] | None = None,
+        gcs_options: Mapping[str, Any] | None = None,
+        file_digests: bool | None = None,
     ) -> None:
         self.config = HubConfig.from_env(
             cache_dir=cache_dir,
@@ -94,6 +119,23 @@ class AsyncHub:
             lock_stale_after=lock_stale_after,
             lock_timeout=lock_timeout,
             gzip_backend=gzip_backend,
+            mirrors=mirrors,
+            lockfile=lockfile,
+            on_mirror_mismatch=on_mirror_mismatch,
+            s3_options=s3_options,
+            gcs_options=gcs_options,
+            file_digests=file_digests,
+        )
+        #: Mirrors as kept (normalised); a malformed one fails here, as does a bad lock file.
+        self._mirrors = tuple(_mirrors.normalise(m) for m in self.config.mirrors)
+        self._lock: dict[str, LockEntry] | None = (
+            None if self.config.lockfile is None else read_lock(self.config.lockfile)
+        )
+        #: The hub's s3:// and gs:// stores, made per bucket on first use.
+        self.object_stores = ObjectStores(
+            s3=self.config.s3_options,
+            gcs=self.config.gcs_options,
+            timeouts=self.config.timeouts,
         )
         try:  # a misspelt or missing back-end fails here, not in the middle of a download
             find_gzip_backend(self.config.gzip_backend)
@@ -117,6 +159,11 @@ class AsyncHub:
         self._urls: dict[str, ParsedHandle] = {}
         self._display: ProgressDisplay | None = None
         self._state = "new"
+        # What worker processes (made from the config's JSON) would not know.
+        c = self.config
+        self._in_process_only = bool(
+            c.mirrors or c.lockfile or c.s3_options or c.gcs_options or c.file_digests
+        )
 
     @property
     def cache_dir(self) -> Path:
@@ -183,8 +230,12 @@ class AsyncHub:
 
     @property
     def custom_transport(self) -> bool:
-        """Whether requests go through a transport given to this hub (so not to other processes)."""
-        return self._transport is not None
+        """Whether downloads must stay in this process (so not go to worker processes).
+
+        True for a transport given to this hub, and for mirrors, a lock file,
+        object-store options or file digests, which worker processes are not told.
+        """
+        return self._transport is not None or self._in_process_only
 
     def _check_open(self) -> tuple[httpx.AsyncClient, anyio.CapacityLimiter]:
         if self._state != "open" or self._client is None or self._limiter is None:
@@ -194,30 +245,40 @@ class AsyncHub:
 
     # -- resolve ---------------------------------------------------------------
 
-    async def resolve(self, handle: Handle) -> Path:
+    async def resolve(self, handle: Handle, *, digest: str | None = None) -> Path:
         """Return a local directory holding the complete module for ``handle``.
 
         A local directory is returned as is; an archive or URL is extracted into
-        the cache once and reused while complete. Raises a HubError subclass.
+        the cache once and reused while complete. ``digest="sha256:<hex>"`` (or
+        a ``#sha256=<hex>`` fragment on the handle, or the hub's lock file) pins
+        the archive: other bytes raise IntegrityError and nothing is committed,
+        and a cached entry made from other bytes is fetched again. Raises a
+        HubError subclass.
         """
         self._check_open()
         parsed = await self._parse(handle)
         if parsed.kind is HandleKind.DIRECTORY:
             assert parsed.path is not None
             return parsed.path
-        return await self._single_flight(parsed)
+        return await self._single_flight(parsed, self._pin(parsed, digest))
 
     async def load(
-        self, handle: Handle, *, tags: Iterable[str] | None = None, options: Any = None
+        self,
+        handle: Handle,
+        *,
+        tags: Iterable[str] | None = None,
+        options: Any = None,
+        digest: str | None = None,
     ) -> Module:
         """Resolve ``handle``, then load it with TensorFlow in a worker thread.
 
         ``tags`` picks the MetaGraph of a SavedModel that has several (e.g.
-        ``{"train"}``); ``options`` is a ``tf.saved_model.LoadOptions``.
+        ``{"train"}``); ``options`` is a ``tf.saved_model.LoadOptions``;
+        ``digest`` pins the archive as for :meth:`resolve`.
         """
         from ._module import load_module
 
-        path = await self.resolve(handle)
+        path = await self.resolve(handle, digest=digest)
         text = os.fspath(handle)
         return await to_thread.run_sync(
             functools.partial(load_module, path, handle=text, tags=tags, options=options)
@@ -231,6 +292,7 @@ class AsyncHub:
         max_concurrency: int | None = ...,
         return_exceptions: Literal[False] = ...,
         processes: int | None = ...,
+        digests: Mapping[str, str] | None = ...,
     ) -> list[Path]: ...
 
     @overload
@@ -241,6 +303,7 @@ class AsyncHub:
         max_concurrency: int | None = ...,
         return_exceptions: bool,
         processes: int | None = ...,
+        digests: Mapping[str, str] | None = ...,
     ) -> list[Path | HubError]: ...
 
     async def prefetch(
@@ -250,6 +313,7 @@ class AsyncHub:
         max_concurrency: int | None = None,
         return_exceptions: bool = False,
         processes: int | None = None,
+        digests: Mapping[str, str] | None = None,
     ) -> list[Path] | list[Path | HubError]:
         """Resolve many handles at once; results in input order.
 
@@ -260,10 +324,23 @@ class AsyncHub:
         downloads on top of the hub's own bound. ``processes=N`` (N >= 2) spreads
         the downloads over up to N worker processes, for more than the one core
         a process gets under the GIL; cached handles never start one.
+        ``digests`` maps handles to the ``"sha256:<hex>"`` each must match.
         """
         from ._prefetch import prefetch
 
         self._check_open()
+        if digests:
+            # As #sha256= fragments: stripped before the cache key, checked by
+            # whichever process resolves the handle.
+            pinned = {
+                str(h): f"#sha256={parse_digest(d, handle=str(h))}" for h, d in digests.items()
+            }
+            handles = [
+                f"{os.fspath(h)}{pinned[os.fspath(h)]}"
+                if isinstance(h, (str, os.PathLike)) and os.fspath(h) in pinned
+                else h
+                for h in handles
+            ]
         return await prefetch(
             self,
             handles,
@@ -288,30 +365,99 @@ class AsyncHub:
         """The local module directory for ``handle`` if it needs no download, else None.
 
         A local directory is returned as is; an archive or URL only when its
-        cache entry is complete. Nothing is fetched; a bad handle raises
-        HandleError.
+        cache entry is complete (and holds the pinned digest, if one applies).
+        Nothing is fetched; a bad handle raises HandleError.
         """
         self._check_open()
         parsed = await self._parse(handle)
         if parsed.kind is HandleKind.DIRECTORY:
             return parsed.path
-        hit = self.store.lookup_inline(parsed.key, parsed.stamp)
+        accept = _accept(self._pin(parsed, None))
+        hit = self.store.lookup_inline(parsed.key, parsed.stamp, accept)
         if hit is None:
-            hit = await to_thread.run_sync(self.store.lookup, parsed.key, parsed.stamp)
+            hit = await to_thread.run_sync(self.store.lookup, parsed.key, parsed.stamp, accept)
         return hit
 
     def _lookup_blocking(self, handle: Handle) -> Path | None:
         """:meth:`lookup`, blocking, from any thread: lets the sync facade answer a hit at once."""
         try:
             parsed = parse(handle)
+            if parsed.kind is HandleKind.DIRECTORY:
+                return parsed.path
+            accept = _accept(self._pin(parsed, None))
         except HubError:
             return None  # the full path raises it, with the hub's context
-        if parsed.kind is HandleKind.DIRECTORY:
-            return parsed.path
-        return self.store.lookup(parsed.key, parsed.stamp)
+        return self.store.lookup(parsed.key, parsed.stamp, accept)
 
-    async def _single_flight(self, parsed: ParsedHandle) -> Path:
-        key = parsed.key
+    async def lock_entry(self, handle: Handle) -> LockEntry:
+        """Resolve ``handle`` from its origin and return what a lock file records of it.
+
+        An entry whose record lacks the archive's digest (tensorflow_hub wrote
+        it) or that came from a mirror (its digest is the mirror's re-pack's) is
+        fetched again from the origin. The content digest is the record's, or
+        else computed from the files now. Used by ``asynchub lock``.
+        """
+        self._check_open()
+        parsed = await self._parse(handle)
+        if parsed.kind is HandleKind.DIRECTORY:
+            raise HandleError(
+                f"{parsed.text} is a local directory, used in place: it has no archive to lock",
+                handle=parsed.text,
+            )
+        prefix = parsed.kind is HandleKind.PREFIX
+
+        def from_origin(record: Record) -> bool:
+            return record.mirror is None and (prefix or record.sha256 is not None)
+
+        await self._single_flight(parsed, self._pin(parsed, None), from_origin)
+        sha256, size, tree = await to_thread.run_sync(self.store.digests, parsed.key, parsed.text)
+        return LockEntry(
+            handle=parsed.name,
+            sha256=None if prefix else sha256,
+            size=None if prefix else size,
+            tree_sha256=tree,
+        )
+
+    def _pin(self, parsed: ParsedHandle, digest: str | None) -> Pin | None:
+        """What the handle's download must match: the argument, the fragment, the lock file.
+
+        Pins that disagree are a HandleError; with a lock file, a handle it does
+        not list is refused (IntegrityError). A prefix has no archive: its pin
+        is the module's content digest.
+        """
+        pins: list[Pin] = []
+        if digest is not None:
+            pins.append(Pin(sha256=parse_digest(digest, handle=parsed.text)))
+        if parsed.digest is not None:
+            pins.append(Pin(sha256=parsed.digest, origin="#sha256= fragment"))
+        if self._lock is not None:
+            assert self.config.lockfile is not None
+            entry = self._lock.get(parsed.name)
+            if entry is None:
+                raise IntegrityError(
+                    f"{parsed.text} is not in the lock file {self.config.lockfile}, and a hub "
+                    "with a lock file fetches nothing unpinned; add it with "
+                    f"'asynchub lock {parsed.name} ...'",
+                    handle=parsed.text,
+                )
+            pins.append(entry.pin(self.config.lockfile))
+        if not pins:
+            return None
+        pin = pins[0]
+        for other in pins[1:]:
+            pin = pin.agree(other, parsed.text)
+        if parsed.kind is HandleKind.PREFIX and pin.tree is None:
+            pin = Pin(tree=pin.sha256, origin=pin.origin)
+        return pin
+
+    async def _single_flight(
+        self, parsed: ParsedHandle, pin: Pin | None = None, accept: Accept | None = None
+    ) -> Path:
+        # Callers with different pins for one key do not share a result; the
+        # store's lock still keeps their downloads apart.
+        key = parsed.key if pin is None else f"{parsed.key} {pin}"
+        if accept is not None:
+            key += f" {id(accept)}"
         while True:
             flight = self._flights.get(key)
             if flight is None:
@@ -327,7 +473,7 @@ class AsyncHub:
         flight = _Flight(done=anyio.Event())
         self._flights[key] = flight
         try:
-            flight.path = await self._ensure(parsed)
+            flight.path = await self._ensure(parsed, pin, accept)
             return flight.path
         except BaseException as exc:
             flight.error = exc
@@ -336,11 +482,14 @@ class AsyncHub:
             del self._flights[key]
             flight.done.set()
 
-    async def _ensure(self, parsed: ParsedHandle) -> Path:
+    async def _ensure(
+        self, parsed: ParsedHandle, pin: Pin | None = None, accept: Accept | None = None
+    ) -> Path:
         store = self.store
-        hit = store.lookup_inline(parsed.key, parsed.stamp)
+        accept = accept or _accept(pin)
+        hit = store.lookup_inline(parsed.key, parsed.stamp, accept)
         if hit is None:
-            hit = await to_thread.run_sync(store.lookup, parsed.key, parsed.stamp)
+            hit = await to_thread.run_sync(store.lookup, parsed.key, parsed.stamp, accept)
         if hit is not None:
             self._emit(ProgressKind.CACHED, parsed, path=hit)
             return hit
@@ -357,13 +506,15 @@ class AsyncHub:
         try:
             async with (
                 limiter,
-                store.acquire(parsed.key, handle=parsed.text, source=parsed.stamp) as claim,
+                store.acquire(
+                    parsed.key, handle=parsed.text, source=parsed.stamp, accept=accept
+                ) as claim,
             ):
                 if claim is None:  # another process completed it while we waited
                     path = store.entry(parsed.key).module_dir
                     self._emit(ProgressKind.CACHED, parsed, path=path)
                     return path
-                path = await self._download(parsed, claim)
+                path = await self._download(parsed, claim, pin)
         except BaseException as exc:
             self._emit(ProgressKind.FAILED, parsed, error=exc)
             raise
@@ -372,7 +523,7 @@ class AsyncHub:
 
     # -- download and extract ------------------------------------------------
 
-    def _source(self, parsed: ParsedHandle) -> Source:
+    def _source(self, parsed: ParsedHandle) -> Source | ObjectPrefix:
         if parsed.kind is HandleKind.URL:
             client, _ = self._check_open()
             assert parsed.url is not None
@@ -385,44 +536,176 @@ class AsyncHub:
                 retries=self.config.retries,
                 chunk_size=self.config.chunk_size,
             )
+        if parsed.kind is HandleKind.PREFIX:
+            assert parsed.url is not None
+            return ObjectPrefix(
+                self.object_stores,
+                parsed.url,
+                handle=parsed.text,
+                retries=self.config.retries,
+                timeouts=self.config.timeouts,
+                chunk_size=self.config.chunk_size,
+            )
+        if parsed.kind is HandleKind.OBJECT:
+            assert parsed.url is not None
+            return ObjectSource(
+                self.object_stores,
+                parsed.url,
+                handle=parsed.text,
+                retries=self.config.retries,
+                timeouts=self.config.timeouts,
+                chunk_size=self.config.chunk_size,
+            )
         assert parsed.path is not None
         return FileSource(parsed.path, handle=parsed.text, chunk_size=self.config.chunk_size)
 
-    async def _download(self, parsed: ParsedHandle, claim: Claim) -> Path:
-        """Fetch and extract into the claim's download dir, retrying, then commit. Lock held."""
+    def _mirror_source(self, parsed: ParsedHandle, mirror: str) -> Source:
+        """The source of ``<mirror>/<key>.tar.gz``; a mirror gets none of the configured headers."""
+        where = _mirrors.archive_location(mirror, parsed.key)
+        kind = _mirrors.kind_of(mirror)
+        if kind == "http":
+            client, _ = self._check_open()
+            return HttpSource(
+                client,
+                where,
+                handle=parsed.text,
+                headers={},
+                timeouts=self.config.timeouts,
+                retries=self.config.retries,
+                chunk_size=self.config.chunk_size,
+            )
+        if kind in ("s3", "gs"):
+            return ObjectSource(
+                self.object_stores,
+                where,
+                handle=parsed.text,
+                retries=self.config.retries,
+                timeouts=self.config.timeouts,
+                chunk_size=self.config.chunk_size,
+            )
+        return _MirrorFile(Path(where), handle=parsed.text, chunk_size=self.config.chunk_size)
+
+    async def _download(self, parsed: ParsedHandle, claim: Claim, pin: Pin | None) -> Path:
+        """Fetch and extract into the claim's download dir, check the pin, commit. Lock held.
+
+        An http(s) handle is looked for at each mirror first, one attempt each:
+        a miss or a fault there moves on to the next, and at last to the origin,
+        which gets the configured retries. A mirror's copy that fails the pin
+        is an IntegrityError, unless ``on_mirror_mismatch="origin"``.
+        """
+        if parsed.kind is HandleKind.URL:
+            for mirror in self._mirrors:
+                try:
+                    source = self._mirror_source(parsed, mirror)
+                    manifest = await self._fetch(parsed, claim, source, pin, 1, mirror=mirror)
+                except CacheError:
+                    raise  # the cache dir, not the mirror: the origin would fail the same way
+                except HubError as exc:  # a miss or a fault: on to the next
+                    if not (isinstance(exc, HTTPStatusError) and exc.status == 404):
+                        self._emit(ProgressKind.RETRYING, parsed, attempt=0, error=exc)
+                    continue
+                error = self._check_pin(parsed, source, manifest, pin, mirror)
+                if error is None:
+                    return await self._commit(parsed, claim, manifest, mirror)
+                if self.config.on_mirror_mismatch != "origin":
+                    raise error
+                self._emit(ProgressKind.RETRYING, parsed, attempt=0, error=error)
+        origin = self._source(parsed)
+        manifest = await self._fetch(parsed, claim, origin, pin, self.config.retries.total + 1)
+        error = self._check_pin(parsed, origin, manifest, pin, None)
+        if error is not None:
+            raise error
+        return await self._commit(parsed, claim, manifest, None)
+
+    def _check_pin(
+        self,
+        parsed: ParsedHandle,
+        source: Source | ObjectPrefix,
+        manifest: Manifest,
+        pin: Pin | None,
+        mirror: str | None,
+    ) -> IntegrityError | None:
+        if pin is None:
+            return None
+        problem = pin.problem(
+            sha256=manifest.sha256 or None,
+            size=manifest.archive_bytes if manifest.sha256 else None,
+            tree=manifest.tree_sha256,
+            mirror=mirror is not None,
+        )
+        if problem is None:
+            return None
+        return IntegrityError(
+            f"{parsed.text}: {source.where} is not the pinned module ({problem}; "
+            f"pinned by the {pin.origin}); nothing was committed",
+            handle=parsed.text,
+        )
+
+    async def _commit(
+        self, parsed: ParsedHandle, claim: Claim, manifest: Manifest, mirror: str | None
+    ) -> Path:
+        return await to_thread.run_sync(
+            functools.partial(
+                self.store.commit, claim, parsed.name, manifest, source=parsed.stamp, mirror=mirror
+            )
+        )
+
+    async def _fetch(
+        self,
+        parsed: ParsedHandle,
+        claim: Claim,
+        source: Source | ObjectPrefix,
+        pin: Pin | None,
+        attempts: int,
+        *,
+        mirror: str | None = None,
+    ) -> Manifest:
+        """Up to ``attempts`` attempts from one source into the claim's download dir."""
         policy = self.config.retries
-        source = self._source(parsed)
         transfer = Transfer()
-        for attempt in range(policy.total + 1):
+        # The content digest needs every file hashed: for a mirror's re-pack checked
+        # against it, for a pin that has nothing else, and when the hub records them.
+        digests = self.config.file_digests or (
+            pin is not None and pin.tree is not None and (mirror is not None or pin.sha256 is None)
+        )
+        for attempt in range(attempts):
             transfer.restart()
             await to_thread.run_sync(self.store.fresh_tmp, claim, parsed.text)
             try:
-                manifest = await self._attempt(parsed, source, claim.tmp, transfer, attempt)
+                if isinstance(source, ObjectPrefix):
+                    return await self._attempt_prefix(parsed, source, claim.tmp, transfer)
+                return await self._attempt(
+                    parsed, source, claim.tmp, transfer, attempt, digests, pin, mirror
+                )
             except Retry as retry:
-                if attempt >= policy.total:
+                if attempt >= attempts - 1:
                     raise retry.error from retry.__cause__
                 delay = retry_delay(attempt, policy, retry_after=retry.retry_after)
                 self._emit(ProgressKind.RETRYING, parsed, attempt=attempt + 1, error=retry.error)
                 await anyio.sleep(delay)
-                continue
-            return await to_thread.run_sync(
-                functools.partial(
-                    self.store.commit, claim, parsed.text, manifest, source=parsed.stamp
-                )
-            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(
-        self, parsed: ParsedHandle, source: Source, tmp: Path, transfer: Transfer, attempt: int
+        self,
+        parsed: ParsedHandle,
+        source: Source,
+        tmp: Path,
+        transfer: Transfer,
+        attempt: int,
+        file_digests: bool = False,
+        pin: Pin | None = None,
+        mirror: str | None = None,
     ) -> Manifest:
         """One attempt: the source's bytes feed the extraction thread through a bounded stream."""
         send, receive = anyio.create_memory_object_stream[bytes](_STREAM_BUFFER)
         result: list[Manifest] = []
+        # A pinned size refuses a wrong archive before its bytes are fetched.
+        size = None if pin is None or mirror is not None or pin.sha256 is None else pin.size
 
         async def consume() -> None:
             with receive:
                 manifest = await to_thread.run_sync(
-                    self._extract_blocking, parsed, receive, tmp, transfer
+                    self._extract_blocking, parsed, receive, tmp, transfer, file_digests
                 )
             result.append(manifest)
 
@@ -441,6 +724,13 @@ class AsyncHub:
                 body = cast("AsyncGenerator[bytes, None]", source.stream(transfer, on_resume))
                 async with aclosing(body):
                     async for piece in body:
+                        if size is not None and transfer.total not in (None, size):
+                            raise IntegrityError(
+                                f"{parsed.text}: {source.where} is not the pinned module "
+                                f"({transfer.total:,} bytes; the {pin.origin if pin else 'pin'} "
+                                f"pins an archive of {size:,}); nothing was committed",
+                                handle=parsed.text,
+                            )
                         await send.send(piece)
                         self._emit_bytes(parsed, transfer)
 
@@ -471,6 +761,7 @@ class AsyncHub:
         receive: MemoryObjectReceiveStream[bytes],
         tmp: Path,
         transfer: Transfer,
+        file_digests: bool = False,
     ) -> Manifest:
         async def take() -> bytes:
             try:
@@ -481,21 +772,147 @@ class AsyncHub:
             while True:
                 try:
                     chunks.append(receive.receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream):
+                except (anyio.EndOfStream, anyio.WouldBlock):
                     break
             return first if len(chunks) == 1 else b"".join(chunks)
 
+        md5: Any = None
+        pulled = False
+
         def pull() -> bytes:
-            return from_thread.run(take)
+            nonlocal md5, pulled
+            data = from_thread.run(take)
+            if not pulled:
+                # The source learns the server's checksum before its first byte.
+                pulled = True
+                if transfer.md5 is not None:
+                    md5 = hashlib.md5(usedforsecurity=False)
+            if md5 is not None:
+                md5.update(data)
+            return data
 
         with self.store.guard(parsed.text, "extracting the archive"):
-            return extract(
+            manifest = extract(
                 pull,
                 tmp,
                 limit=self.config.max_extract_bytes,
                 content_type=lambda: transfer.content_type,
                 backend=self.config.gzip_backend,
+                file_digests=file_digests,
             )
+        if md5 is not None and transfer.md5 is not None and md5.digest() != transfer.md5:
+            # Bytes hurt on the way (or a stale checksum): another attempt may fix it.
+            raise Retry(
+                IntegrityError(
+                    f"{parsed.text}: the archive's MD5 {md5.hexdigest()} is not the one the "
+                    f"server sent ({transfer.md5.hex()} in Content-MD5/x-goog-hash)",
+                    handle=parsed.text,
+                )
+            )
+        return manifest
+
+    async def _attempt_prefix(
+        self, parsed: ParsedHandle, prefix: ObjectPrefix, tmp: Path, transfer: Transfer
+    ) -> Manifest:
+        """One attempt at an unpacked module under a prefix: its objects, concurrently, into tmp.
+
+        Object names pass the same checks as archive members before a byte is
+        written; each file is hashed as it is written, so the entry gets its
+        content digest; an object whose size differs from the listing's (it
+        changed meanwhile) or that vanished makes the attempt start over.
+        """
+        listing = await prefix.list()
+        manifest = Manifest(file_sha256={})
+        dirs: dict[str, str] = {}
+        extracted = 0
+        names: dict[str, str] = {}
+        try:
+            for key in sorted(listing):
+                member = tarfile.TarInfo(key)
+                member.size = listing[key]
+                rel = check_member(member, extracted=extracted, limit=self.config.max_extract_bytes)
+                check_conflict(rel, is_dir=False, files=manifest.files, dirs=dirs)
+                parent = rel.rpartition("/")[0]
+                while parent and parent not in dirs:
+                    dirs[parent] = rel
+                    parent = parent.rpartition("/")[0]
+                manifest.files[rel] = member.size
+                names[rel] = key
+                extracted += member.size
+        except UnsafeArchiveError as exc:
+            raise type(exc)(f"{parsed.text} ({prefix.where}): {exc}", handle=parsed.text) from exc
+        transfer.total = extracted
+        manifest.dirs = set(dirs)
+        manifest.archive_bytes = extracted
+
+        def make_dirs() -> None:
+            with self.store.guard(parsed.text, "creating the module's directories"):
+                for rel in sorted(dirs):
+                    (tmp / rel).mkdir(parents=True, exist_ok=True)
+
+        await to_thread.run_sync(make_dirs)
+        limiter = anyio.CapacityLimiter(_PREFIX_CONCURRENCY)
+        sums: dict[str, str] = {}
+
+        async def fetch(rel: str) -> None:
+            async with limiter:
+                sums[rel] = await self._fetch_object(
+                    parsed, prefix, names[rel], tmp / rel, transfer
+                )
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for rel in manifest.files:
+                    tg.start_soon(fetch, rel)
+        except BaseExceptionGroup as group:
+            _raise_first(group)
+        manifest.file_sha256 = sums
+        self._emit(ProgressKind.EXTRACTING, parsed, done=transfer.received, total=transfer.total)
+        return manifest
+
+    async def _fetch_object(
+        self, parsed: ParsedHandle, prefix: ObjectPrefix, key: str, target: Path, total: Transfer
+    ) -> str:
+        """Stream one object of a prefix into ``target``; its sha256."""
+        source = prefix.object(key)
+        transfer = Transfer()
+        sha = hashlib.sha256()
+        guard = functools.partial(self.store.guard, parsed.text, f"writing {target.name}")
+
+        def open_target() -> Any:
+            with guard():
+                return open(target, "wb")  # closed below, in a worker thread
+
+        def write(fh: Any, data: bytes) -> None:
+            with guard():
+                sha.update(data)
+                fh.write(data)
+
+        def on_resume(error: HubError) -> None:
+            self._emit(ProgressKind.RETRYING, parsed, attempt=0, error=error)
+
+        fh = await to_thread.run_sync(open_target)
+        try:
+            body = cast("AsyncGenerator[bytes, None]", source.stream(transfer, on_resume))
+            async with aclosing(body):
+                async for piece in body:
+                    await to_thread.run_sync(write, fh, piece)
+                    total.received += len(piece)
+                    self._emit_bytes(parsed, total)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await to_thread.run_sync(fh.close)
+        if transfer.received != transfer.total:
+            raise Retry(
+                HTTPStatusError(
+                    f"{parsed.text}: {source.where} changed while the prefix was copied "
+                    f"({transfer.received:,} bytes, listed as {transfer.total:,}); starting again",
+                    handle=parsed.text,
+                    url=source.where,
+                    status=412,
+                )
+            )
+        return sha.hexdigest()
 
     # -- progress ------------------------------------------------------------
 
@@ -542,4 +959,31 @@ def _with_handle(exc: ArchiveError, parsed: ParsedHandle, source: Source) -> Arc
     """The same error class, its message prefixed with the handle and where the bytes came from."""
     if exc.handle is not None:
         return exc
-    return type(exc)(f"{parsed.text} ({source.where}): {exc}", handle=parsed.text)
+    where = "" if source.where == parsed.text else f" ({source.where})"
+    return type(exc)(f"{parsed.text}{where}: {exc}", handle=parsed.text)
+
+
+class _MirrorFile(FileSource):
+    """A local mirror's archive: like a local archive, but its absence is a 404 (a miss)."""
+
+    async def stream(self, transfer: Transfer, on_resume: Any) -> Any:
+        if not await anyio.Path(self.path).is_file():
+            raise HTTPStatusError(
+                f"{self._handle}: the mirror has no {self.path}",
+                handle=self._handle,
+                url=str(self.path),
+                status=404,
+            )
+        async for chunk in super().stream(transfer, on_resume):
+            yield chunk
+
+
+def _accept(pin: Pin | None) -> Accept | None:
+    """A store ``accept`` that takes only entries recorded with the pinned digest."""
+    if pin is None:
+        return None
+
+    def accept(record: Record) -> bool:
+        return pin.satisfied_by(record.sha256, record.tree_sha256)
+
+    return accept

@@ -20,7 +20,15 @@ import contextvars
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
@@ -31,7 +39,7 @@ import httpx
 from anyio.from_thread import BlockingPortal
 from anyio.lowlevel import RunVar
 
-from ._config import ENV_PROGRESS, HubConfig, Retries, Timeouts, env_flag
+from ._config import ENV_PROGRESS, HubConfig, MirrorMismatch, Retries, Timeouts, env_flag
 from ._hub import AsyncHub
 from ._types import Handle, ProgressCallback
 from .errors import HubClosedError, HubError
@@ -66,6 +74,12 @@ class _HubOptionsBase(TypedDict, total=False):
     transport: httpx.AsyncBaseTransport | None
     gzip_backend: str | None
     keep_alive: bool
+    mirrors: Sequence[str] | str | None
+    lockfile: str | os.PathLike[str] | None
+    on_mirror_mismatch: MirrorMismatch | None
+    s3_options: Mapping[str, Any] | None
+    gcs_options: Mapping[str, Any] | None
+    file_digests: bool | None
 
 
 class HubOptions(_HubOptionsBase, total=False):

@@ -11,6 +11,8 @@
     │   ├── UnsafeArchiveError  a member would escape the module dir, is a link/device/fifo,
     │   │                       clashes with another member, or the archive is too large
     │   └── TruncatedArchiveError  the bytes end before the archive does (a cut stream)
+    ├── IntegrityError          the bytes are not the ones pinned (digest argument, #sha256=
+    │                           fragment, lock file) or a server checksum disagrees
     ├── CacheError              the cache dir cannot be used
     │   ├── OfflineError        offline mode and the handle is not in the cache
     │   └── LockTimeoutError    another process held the download lock for too long
@@ -41,6 +43,7 @@ __all__ = [
     "HandleError",
     "HubClosedError",
     "HubError",
+    "IntegrityError",
     "LockTimeoutError",
     "MissingDependencyError",
     "ModuleError",
@@ -65,7 +68,7 @@ class HubError(Exception):
 
 
 class HandleError(HubError, ValueError):
-    """The handle is not a local dir, a local archive, or an http(s) URL."""
+    """The handle is not a local dir, a local archive, an http(s) URL or an s3:// / gs:// object."""
 
 
 class DownloadError(HubError):
@@ -103,6 +106,16 @@ class TruncatedArchiveError(ArchiveError):
 
     A download that ends this way is retried from the start, since a body
     without a length cannot tell a cut connection from its end.
+    """
+
+
+class IntegrityError(HubError):
+    """The fetched bytes are not the ones pinned, or not the ones the server vouched for.
+
+    Nothing is committed. Raised for a pinned digest (``digest=``, a
+    ``#sha256=`` fragment, a lock file) that the archive or the module's content
+    does not match, for a handle a lock file does not list, and for a download
+    whose ``Content-MD5``/``x-goog-hash`` checksum disagrees after every retry.
     """
 
 

@@ -186,9 +186,9 @@ async def test_bad_handle_is_reported_with_the_others(
 ) -> None:
     good = server.add("/m", body=bodies[0])
     async with hub(cache_dir) as h:
-        results = await h.prefetch([good, "gs://bucket/m", 42], return_exceptions=True)  # type: ignore[list-item]
+        results = await h.prefetch([good, "gcs://bucket/m", 42], return_exceptions=True)  # type: ignore[list-item]
     assert results[0] == cache_dir / key(good)
-    assert isinstance(results[1], HandleError) and results[1].handle == "gs://bucket/m"
+    assert isinstance(results[1], HandleError) and results[1].handle == "gcs://bucket/m"
     assert isinstance(results[2], HandleError) and "42" in str(results[2].handle)
 
 

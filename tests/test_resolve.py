@@ -277,7 +277,7 @@ async def test_truncated_archive_is_an_archive_error(
     assert listing(cache_dir) == []
 
 
-@pytest.mark.parametrize("handle", ["", "gs://bucket/model", "/no/such/dir", "ftp://x/y"])
+@pytest.mark.parametrize("handle", ["", "gcs://bucket/model", "/no/such/dir", "ftp://x/y"])
 async def test_bad_handles(cache_dir: Path, handle: str) -> None:
     async with hub(cache_dir) as h:
         with pytest.raises(HandleError, match=r"expected|unsupported|empty"):

@@ -63,7 +63,8 @@ def test_parse_kinds(tmp_path: Path) -> None:
     ("handle", "message"),
     [
         ("", "empty handle"),
-        ("s3://bucket/m", "unsupported scheme 's3'"),
+        ("ftp://bucket/m", "unsupported scheme 'ftp'"),
+        ("s3://B/m.tar.gz", "names no valid bucket"),
         ("http:///nohost", "names no host"),
         ("file://otherhost/x.tar", "remote host"),
         ("/definitely/not/here", "does not exist"),

@@ -3,5 +3,15 @@
 from .base import Retry, Source, Transfer
 from .file import FileSource
 from .http import HttpSource
+from .objstore import ObjectPrefix, ObjectSource, ObjectStores
 
-__all__ = ["FileSource", "HttpSource", "Retry", "Source", "Transfer"]
+__all__ = [
+    "FileSource",
+    "HttpSource",
+    "ObjectPrefix",
+    "ObjectSource",
+    "ObjectStores",
+    "Retry",
+    "Source",
+    "Transfer",
+]

@@ -39,11 +39,15 @@ class Transfer:
     total: int | None = None
     content_type: str | None = None
     stalled: float = 0.0
+    #: The MD5 the server vouched for (``Content-MD5``, ``x-goog-hash``), checked by
+    #: the extraction thread over every byte; set before the first byte is yielded.
+    md5: bytes | None = None
 
     def restart(self) -> None:
         self.received = 0
         self.total = None
         self.content_type = None
+        self.md5 = None
 
 
 #: Told when a source resumes by itself: the error that cut the stream.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from .._retry import is_retryable_status, parse_retry_after, retry_delay
 from ..errors import HTTPStatusError, NetworkError
 from .base import OnResume, Retry, Transfer
 
-__all__ = ["HttpSource", "Validators", "origin", "resume_ok"]
+__all__ = ["HttpSource", "Validators", "origin", "resume_ok", "server_md5"]
 
 MAX_REDIRECTS = 20
 
@@ -77,6 +79,33 @@ def resume_ok(first: Validators, status: int, headers: Mapping[str, str], offset
     if first.etag is not None:
         return headers.get("etag") == first.etag
     return first.last_modified is not None and headers.get("last-modified") == first.last_modified
+
+
+def server_md5(headers: Mapping[str, str]) -> bytes | None:
+    """The MD5 a response vouches for its body with (``x-goog-hash: md5=``, ``Content-MD5``).
+
+    None when there is none, or when it may describe other bytes than the body:
+    a body sent with a Content-Encoding, or a GCS object stored compressed
+    (``x-goog-stored-content-encoding``), which GCS may decompress on the way.
+    """
+    if headers.get("content-encoding", "identity").strip().lower() != "identity":
+        return None
+    stored = headers.get("x-goog-stored-content-encoding", "identity").strip().lower()
+    values = []
+    for part in headers.get("x-goog-hash", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.lower() == "md5" and stored == "identity":
+            values.append(value)
+    if not values and "content-md5" in headers:
+        values.append(headers["content-md5"])
+    for value in values:
+        try:
+            digest = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if len(digest) == 16:
+            return digest
+    return None
 
 
 class HttpSource:
@@ -146,6 +175,7 @@ class HttpSource:
                         first = Validators.of(response.headers)
                         transfer.content_type = response.headers.get("content-type")
                         transfer.total = first.total
+                        transfer.md5 = server_md5(response.headers)
                     elif not resume_ok(
                         first, response.status_code, response.headers, transfer.received
                     ):

@@ -2,9 +2,10 @@
 
 from ._layout import Entry, Record, SourceStamp
 from .locks import LockView, Verdict, verdict
-from .store import Claim, Store, cache_error
+from .store import Accept, Claim, Store, cache_error
 
 __all__ = [
+    "Accept",
     "Claim",
     "Entry",
     "LockView",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ __all__ = [
     "Record",
     "SourceStamp",
     "has_saved_model",
+    "hash_files",
     "read_manifest",
     "remove_tree",
     "still_complete",
@@ -158,6 +160,10 @@ class Record:
     stamp: tuple[int, int, int] | None
     sha256: str | None = None  #: of the archive the entry was extracted from
     source: SourceStamp | None = None  #: of the local archive it was extracted from
+    #: the module's content digest (see _integrity), when its files were hashed
+    tree_sha256: str | None = None
+    #: the mirror the archive came from (its sha256 is then the mirror's re-pack's)
+    mirror: str | None = None
 
     @property
     def checks(self) -> int:
@@ -200,6 +206,8 @@ def verify(entry: Entry) -> Record | None:
             stamp=stamp,
             sha256=data.get("sha256"),
             source=None if source is None else (int(source[0]), int(source[1])),
+            tree_sha256=data.get("tree_sha256"),
+            mirror=data.get("mirror"),
         )
     except (TypeError, ValueError, IndexError):
         return None
@@ -231,8 +239,11 @@ def write_manifest(
     sha256: str | None,
     archive_bytes: int | None,
     source: SourceStamp | None,
+    tree_sha256: str | None = None,
+    file_sha256: dict[str, str] | None = None,
+    mirror: str | None = None,
 ) -> None:
-    record = {
+    record: dict[str, object] = {
         "format": MANIFEST_FORMAT,
         "handle": handle,
         "bytes": sum(files.values()),
@@ -243,6 +254,12 @@ def write_manifest(
         "files": dict(sorted(files.items())),
         "dirs": sorted(dirs),
     }
+    if tree_sha256 is not None:
+        record["tree_sha256"] = tree_sha256
+    if file_sha256 is not None:
+        record["file_sha256"] = dict(sorted(file_sha256.items()))
+    if mirror is not None:
+        record["mirror"] = mirror
     atomic_write(entry.manifest, json.dumps(record, indent=1))
 
 
@@ -266,6 +283,18 @@ def atomic_write(path: Path, text: str) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def hash_files(entry: Entry, files: list[str]) -> dict[str, str]:
+    """The sha256 of each of the module's ``files`` (paths relative to its dir)."""
+    sums = {}
+    for rel in files:
+        digest = hashlib.sha256()
+        with open(entry.module_dir / rel, "rb") as fh:
+            while block := fh.read(1024 * 1024):
+                digest.update(block)
+        sums[rel] = digest.hexdigest()
+    return sums
 
 
 def tree_size(path: Path) -> int:

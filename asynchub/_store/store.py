@@ -16,7 +16,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio import to_thread
 
+from .._integrity import tree_digest
 from ..errors import ArchiveError, CacheError, LockTimeoutError
 from . import _layout as layout
 from . import locks
@@ -33,13 +34,15 @@ from ._layout import Entry, Record, SourceStamp
 if TYPE_CHECKING:
     from .._archive import Manifest
 
-__all__ = ["Claim", "Store", "cache_error"]
+__all__ = ["Accept", "Claim", "Store", "cache_error"]
 
 #: Stats a memoised cache hit may make on the event loop instead of in a thread.
 INLINE_CHECKS = 64
 _POLL = (0.05, 1.0)  # first and longest wait between looks at another process's lock
 _MEMO = 4096  # records remembered per store
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: Whether a complete entry's record is acceptable (e.g. it holds a pinned digest).
+Accept = Callable[[Record], bool]
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -99,15 +102,19 @@ class Store:
 
     # -- lookup ----------------------------------------------------------------
 
-    def lookup(self, key: str, source: SourceStamp | None = None) -> Path | None:
+    def lookup(
+        self, key: str, source: SourceStamp | None = None, accept: Accept | None = None
+    ) -> Path | None:
         """The module dir if the entry is complete (and from ``source``, if given), else None.
 
+        ``accept`` may refuse a complete entry's record (one that lacks a pinned
+        digest): that is a miss too, and a download replaces the entry.
         Blocking. A record verified before is re-checked with one stat per file.
         """
         entry = self.entry(key)
         record = self._memo.get(key)
         if record is not None and _fits(record, source) and layout.still_complete(entry, record):
-            return entry.module_dir
+            return entry.module_dir if accept is None or accept(record) else None
         try:
             record = layout.verify(entry)
         except OSError:
@@ -118,9 +125,11 @@ class Store:
         if len(self._memo) >= _MEMO:
             self._memo.clear()
         self._memo[key] = record
-        return entry.module_dir
+        return entry.module_dir if accept is None or accept(record) else None
 
-    def lookup_inline(self, key: str, source: SourceStamp | None = None) -> Path | None:
+    def lookup_inline(
+        self, key: str, source: SourceStamp | None = None, accept: Accept | None = None
+    ) -> Path | None:
         """A cache hit answered cheaply enough for the event loop, else None (ask lookup).
 
         Only an entry verified before, with a few files, is checked here: a
@@ -129,12 +138,33 @@ class Store:
         record = self._memo.get(key)
         if record is None or record.checks > INLINE_CHECKS or not _fits(record, source):
             return None
+        if accept is not None and not accept(record):
+            return None
         entry = self.entry(key)
         return entry.module_dir if layout.still_complete(entry, record) else None
 
     def record(self, key: str) -> Record | None:
         """The verified record of a complete entry (after a lookup), else None."""
         return self._memo.get(key)
+
+    def digests(self, key: str, handle: str) -> tuple[str | None, int | None, str]:
+        """A complete entry's ``(archive sha256, archive bytes, content digest)``.
+
+        The content digest is the record's, else computed from the files now
+        (reading every byte once). Blocking; CacheError if the entry is not complete.
+        """
+        entry = self.entry(key)
+        with self.guard(handle, "reading the entry's digests"):
+            data = layout.read_manifest(entry) or {}
+            record = self._memo.get(key)
+            if record is None or not layout.still_complete(entry, record):
+                raise CacheError(f"{handle}: the entry {entry.module_dir} is not complete")
+            tree = data.get("tree_sha256")
+            if not isinstance(tree, str):
+                sums = layout.hash_files(entry, [rel for rel, _ in record.files])
+                tree = tree_digest(dict(record.files), sums)
+        size = data.get("archive_bytes")
+        return record.sha256, size if isinstance(size, int) else None, tree
 
     def ensure_root(self) -> None:
         with self.guard(None, "creating it"):
@@ -144,7 +174,12 @@ class Store:
 
     @asynccontextmanager
     async def acquire(
-        self, key: str, *, handle: str, source: SourceStamp | None = None
+        self,
+        key: str,
+        *,
+        handle: str,
+        source: SourceStamp | None = None,
+        accept: Accept | None = None,
     ) -> AsyncIterator[Claim | None]:
         """Hold ``<key>.lock`` for the body: yield a Claim, or None if the entry got complete.
 
@@ -156,21 +191,23 @@ class Store:
         entry = self.entry(key)
         uid = uuid.uuid4().hex
         claim = Claim(entry, uid, locks.lock_contents(uid))
-        if not await self._wait_for_lock(claim, handle, source):
+        if not await self._wait_for_lock(claim, handle, source, accept):
             yield None
             return
         try:
-            complete = await to_thread.run_sync(self._after_acquire, claim, handle, source)
+            complete = await to_thread.run_sync(self._after_acquire, claim, handle, source, accept)
             yield None if complete else claim
         finally:
             with anyio.CancelScope(shield=True):
                 await to_thread.run_sync(self._release, claim)
 
-    async def _wait_for_lock(self, claim: Claim, handle: str, source: SourceStamp | None) -> bool:
+    async def _wait_for_lock(
+        self, claim: Claim, handle: str, source: SourceStamp | None, accept: Accept | None
+    ) -> bool:
         started = time.monotonic()
         wait = _POLL[0]
         while True:
-            state, why = await to_thread.run_sync(self._poll, claim, handle, source)
+            state, why = await to_thread.run_sync(self._poll, claim, handle, source, accept)
             if state == "acquired":
                 return True
             if state == "complete":
@@ -189,13 +226,15 @@ class Store:
             await anyio.sleep(wait * random.uniform(0.5, 1.5))
             wait = min(_POLL[1], wait * 2)
 
-    def _poll(self, claim: Claim, handle: str, source: SourceStamp | None) -> tuple[str, str]:
+    def _poll(
+        self, claim: Claim, handle: str, source: SourceStamp | None, accept: Accept | None = None
+    ) -> tuple[str, str]:
         """One look: ``("acquired" | "complete" | "again" | "wait", why)``."""
         entry = claim.entry
         with self.guard(handle, "taking the download lock"):
             if locks.try_acquire(entry, claim.contents):
                 return "acquired", ""
-            if self.lookup(entry.key, source) is not None:
+            if self.lookup(entry.key, source, accept) is not None:
                 return "complete", ""
             view = locks.look(entry)
             verdict, why = locks.verdict(
@@ -212,7 +251,9 @@ class Store:
                 return "again", why
             return "wait", why
 
-    def _after_acquire(self, claim: Claim, handle: str, source: SourceStamp | None) -> bool:
+    def _after_acquire(
+        self, claim: Claim, handle: str, source: SourceStamp | None, accept: Accept | None = None
+    ) -> bool:
         """With the lock held: clear leftovers of earlier holders; True if already complete."""
         with self.guard(handle, "clearing old download dirs"):
             # Only the lock's holder writes a download dir, and the lock is ours:
@@ -220,7 +261,7 @@ class Store:
             for path in claim.entry.tmp_dirs():
                 if path != claim.tmp:
                     layout.remove_tree(path)
-        return self.lookup(claim.entry.key, source) is not None
+        return self.lookup(claim.entry.key, source, accept) is not None
 
     def _release(self, claim: Claim) -> None:
         layout.remove_tree(claim.tmp)
@@ -258,6 +299,7 @@ class Store:
         manifest: Manifest,
         *,
         source: SourceStamp | None = None,
+        mirror: str | None = None,
     ) -> Path:
         """Make the download dir the entry's module dir, atomically, and record it.
 
@@ -292,9 +334,12 @@ class Store:
                 handle,
                 manifest.files,
                 manifest.dirs,
-                sha256=manifest.sha256,
+                sha256=manifest.sha256 or None,
                 archive_bytes=manifest.archive_bytes,
                 source=source,
+                tree_sha256=manifest.tree_sha256,
+                file_sha256=manifest.file_sha256,
+                mirror=mirror,
             )
         self._memo.pop(entry.key, None)
         if self.lookup(entry.key, source) is None:
