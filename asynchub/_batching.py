@@ -27,7 +27,7 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar, checkpoint_if_cancelled
 
-from .errors import HubError
+from .errors import QueueFullError
 
 __all__ = ["THREADS", "Batched", "Binder", "QueueFullError", "loop_threads"]
 
@@ -49,10 +49,6 @@ Binder = Callable[[Any], tuple[Hashable | None, int, Any]]
 _PER_ASYNCIO_LOOP: WeakKeyDictionary[asyncio.AbstractEventLoop, WeakKeyDictionary[object, Any]]
 _PER_ASYNCIO_LOOP = WeakKeyDictionary()
 _PER_LOOP: RunVar[WeakKeyDictionary[object, Any]] = RunVar("asynchub_per_loop")
-
-
-class QueueFullError(HubError):
-    """A batcher already held ``max_queue`` waiting rows: the request was refused at once."""
 
 
 def _per_loop(owner: object, factory: Callable[[], T]) -> T:

@@ -206,9 +206,11 @@ class Hub:
                 finished.wait(_CLEANUP_WAIT)
             raise
 
-    def resolve(self, handle: Handle) -> Path:
+    def resolve(self, handle: Handle, *, digest: str | None = None) -> Path:
         """See :meth:`AsyncHub.resolve`."""
-        return self._cached(handle) or self._call(lambda hub: hub.resolve(handle))
+        # A pin given here is checked on the loop; one in the handle or lock file, also here.
+        hit = self._cached(handle) if digest is None else None
+        return hit or self._call(lambda hub: hub.resolve(handle, digest=digest))
 
     def _cached(self, handle: Handle) -> Path | None:
         # A cache hit needs no event loop: answer it in the caller's thread, which
@@ -223,10 +225,15 @@ class Hub:
         return hub._lookup_blocking(handle)
 
     def load(
-        self, handle: Handle, *, tags: Iterable[str] | None = None, options: Any = None
+        self,
+        handle: Handle,
+        *,
+        tags: Iterable[str] | None = None,
+        options: Any = None,
+        digest: str | None = None,
     ) -> Module:
         """See :meth:`AsyncHub.load`."""
-        return self._call(lambda hub: hub.load(handle, tags=tags, options=options))
+        return self._call(lambda hub: hub.load(handle, tags=tags, options=options, digest=digest))
 
     @overload
     def prefetch(
@@ -236,6 +243,7 @@ class Hub:
         max_concurrency: int | None = ...,
         return_exceptions: Literal[False] = ...,
         processes: int | None = ...,
+        digests: Mapping[str, str] | None = ...,
     ) -> list[Path]: ...
 
     @overload
@@ -246,6 +254,7 @@ class Hub:
         max_concurrency: int | None = ...,
         return_exceptions: bool,
         processes: int | None = ...,
+        digests: Mapping[str, str] | None = ...,
     ) -> list[Path | HubError]: ...
 
     def prefetch(
@@ -255,6 +264,7 @@ class Hub:
         max_concurrency: int | None = None,
         return_exceptions: bool = False,
         processes: int | None = None,
+        digests: Mapping[str, str] | None = None,
     ) -> list[Path] | list[Path | HubError]:
         """See :meth:`AsyncHub.prefetch`."""
         handles = list(handles)
@@ -264,6 +274,7 @@ class Hub:
                 max_concurrency=max_concurrency,
                 return_exceptions=return_exceptions,
                 processes=processes,
+                digests=digests,
             )
         )
 
@@ -369,14 +380,20 @@ def _close_default() -> None:
             _default.close()
 
 
-def resolve(handle: Handle) -> Path:
+def resolve(handle: Handle, *, digest: str | None = None) -> Path:
     """Resolve ``handle`` to a local module directory with the default hub."""
-    return default_hub().resolve(handle)
+    return default_hub().resolve(handle, digest=digest)
 
 
-def load(handle: Handle, *, tags: Iterable[str] | None = None, options: Any = None) -> Module:
+def load(
+    handle: Handle,
+    *,
+    tags: Iterable[str] | None = None,
+    options: Any = None,
+    digest: str | None = None,
+) -> Module:
     """Resolve and load ``handle`` with the default hub: ``m = hub.load(url); y = m(x)``."""
-    return default_hub().load(handle, tags=tags, options=options)
+    return default_hub().load(handle, tags=tags, options=options, digest=digest)
 
 
 def prefetch(
@@ -385,6 +402,7 @@ def prefetch(
     max_concurrency: int | None = None,
     return_exceptions: bool = False,
     processes: int | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> list[Path] | list[Path | HubError]:
     """Resolve many handles at once with the default hub."""
     return default_hub().prefetch(
@@ -392,6 +410,7 @@ def prefetch(
         max_concurrency=max_concurrency,
         return_exceptions=return_exceptions,
         processes=processes,
+        digests=digests,
     )
 
 
@@ -476,7 +495,9 @@ async def _hub_for(options: _HubOptionsBase) -> AsyncIterator[AsyncHub]:
         yield own
 
 
-async def aresolve(handle: Handle, **hub_options: Unpack[HubOptions]) -> Path:
+async def aresolve(
+    handle: Handle, *, digest: str | None = None, **hub_options: Unpack[HubOptions]
+) -> Path:
     """Async :func:`resolve` on the running loop, with a hub configured from the environment.
 
     Calls on one event loop share one AsyncHub (one per set of ``hub_options``
@@ -485,7 +506,7 @@ async def aresolve(handle: Handle, **hub_options: Unpack[HubOptions]) -> Path:
     it returns, as does every call while TFHUB_DOWNLOAD_PROGRESS is on.
     """
     async with _hub_for(hub_options) as hub:
-        return await hub.resolve(handle)
+        return await hub.resolve(handle, digest=digest)
 
 
 async def aload(
@@ -493,6 +514,7 @@ async def aload(
     *,
     tags: Iterable[str] | None = None,
     options: Any = None,
+    digest: str | None = None,
     **hub_options: Unpack[HubOptions],
 ) -> Module:
     """Async :func:`load`: resolve on the loop, load with TensorFlow in a worker thread.
@@ -500,7 +522,7 @@ async def aload(
     The hub is chosen as for :func:`aresolve`.
     """
     async with _hub_for(hub_options) as hub:
-        return await hub.load(handle, tags=tags, options=options)
+        return await hub.load(handle, tags=tags, options=options, digest=digest)
 
 
 @overload

@@ -18,6 +18,7 @@
     │   └── LockTimeoutError    another process held the download lock for too long
     ├── ModuleError             the directory is not a loadable SavedModel
     ├── SignatureError          unknown signature, missing inputs, ambiguous outputs
+    ├── QueueFullError          a micro-batcher already held max_queue waiting rows (overload)
     ├── MissingDependencyError  an optional dependency (e.g. TensorFlow) is not installed
     └── PrefetchError           some handles of a prefetch failed (also an ExceptionGroup)
 
@@ -50,6 +51,7 @@ __all__ = [
     "NetworkError",
     "OfflineError",
     "PrefetchError",
+    "QueueFullError",
     "SignatureError",
     "TruncatedArchiveError",
     "UnsafeArchiveError",
@@ -140,6 +142,13 @@ class SignatureError(HubError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class QueueFullError(HubError):
+    """A batcher already held ``max_queue`` waiting rows: the request was refused at once.
+
+    Overload, not bad input: a server answers it with 503 and Retry-After.
+    """
 
 
 class MissingDependencyError(HubError, ImportError):

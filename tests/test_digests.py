@@ -421,3 +421,20 @@ def test_hub_commands_stand_alone() -> None:
     with pytest.raises(SystemExit) as info:
         _main(["lock", "--help"])
     assert info.value.code == 0
+
+
+def test_sync_and_module_level_calls_take_a_digest(
+    server: Server, cache_dir: Path, module: Path, other: Path
+) -> None:
+    body = tar_bytes(module)
+    url = server.add("/pinned-sync", body=body)
+    with Hub(cache_dir=cache_dir, retries=FAST) as h:
+        with pytest.raises(IntegrityError):
+            h.resolve(url, digest=sha(tar_bytes(other)))
+        assert not (cache_dir / cache_key(url)).exists()
+        path = h.resolve(url, digest=sha(body))
+        # A cached entry answers a pin only when its record holds that digest.
+        with pytest.raises(IntegrityError):
+            h.resolve(url, digest=sha(tar_bytes(other)))
+        assert h.prefetch([url], digests={url: sha(body)}) == [path]
+    assert asynchub.resolve(url, digest=sha(body)) == path

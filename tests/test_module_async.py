@@ -284,7 +284,7 @@ async def _largest_gap(work: Callable[[], Awaitable[None]]) -> float:
 
 @pytest.mark.anyio
 async def test_acall_keeps_the_loop_running(ops: Module, tf: Any) -> None:
-    inputs, _ = _spin_calibrated(ops, tf, 0.3)
+    inputs, _ = _spin_calibrated(ops, tf, 0.5)
     took: dict[str, float] = {}
 
     async def blocking() -> None:
@@ -299,9 +299,10 @@ async def test_acall_keeps_the_loop_running(ops: Module, tf: Any) -> None:
 
     blocked = await _largest_gap(blocking)
     free = await _largest_gap(in_thread)
-    # Calling from the loop stalls it for the whole call; acall not even for a tenth of it.
+    # Calling from the loop stalls it for the whole call; acall for a small part of it
+    # at most (a few ms on an idle machine; the bound leaves room for a busy one).
     assert blocked >= 0.9 * took["blocking"]
-    assert free < 0.1 * took["acall"], (free, took)
+    assert free < 0.25 * took["acall"], (free, took)
 
 
 @pytest.mark.anyio
