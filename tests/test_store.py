@@ -617,3 +617,24 @@ def test_the_store_is_the_one_lookup(tmp_path: Path) -> None:
     assert Store(tmp_path).lookup(entry.key) is None
     [check] = _cachetools.verify(tmp_path)
     assert not check.complete and "record is gone" in (check.problem or "")
+
+
+def test_a_lock_link_whose_reply_was_lost_still_counts_as_taken(
+    server: Server, tmp_path: Path, module: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS retransmits a LINK whose reply was lost; the server answers EEXIST for it."""
+    url = server.add("/m", body=tar_bytes(module))
+    real_link = os.link
+    lost: list[str] = []
+
+    def link_reply_lost(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        real_link(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+        if str(dst).endswith(".lock") and not lost:
+            lost.append(str(dst))
+            raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+
+    monkeypatch.setattr(os, "link", link_reply_lost)
+    with asynchub.Hub(cache_dir=tmp_path / "cache", lock_timeout=2.0, retries=FAST) as h:
+        assert h.resolve(url) == tmp_path / "cache" / key(url)
+    assert lost
+    assert leftovers(tmp_path / "cache") == []

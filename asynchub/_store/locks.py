@@ -201,7 +201,10 @@ def try_acquire(entry: Entry, contents: str) -> bool:
         os.link(tmp, entry.lock)
         return True
     except FileExistsError:
-        return False
+        # On NFS a link() whose reply was lost is sent again, and the server then
+        # answers "exists" for the link it made the first time: the lock is ours
+        # if our private file now has two names (open(2) gives the same advice).
+        return _linked(tmp)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
@@ -216,6 +219,13 @@ def try_acquire(entry: Entry, contents: str) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _linked(tmp: Path) -> bool:
+    try:
+        return os.stat(tmp).st_nlink == 2
+    except OSError:
+        return False
 
 
 def release_lock(entry: Entry, contents: str) -> None:
