@@ -11,6 +11,9 @@ cache keyed by the directory's fingerprint.
   ``If-None-Match`` (304), ``Range``/``If-Range`` (206/416) and ``HEAD``.
 - ``GET /NAME/VERSION``: an HTML page about the module (signatures, size, how to load it).
 - ``GET /``: an HTML index of the modules.
+
+With ``infer=InferOptions(...)`` (``asynchub serve --infer``) the same app also answers
+predictions over the Open Inference Protocol under ``/v2`` (``_infer.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import hashlib
 import html
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -55,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the server ex
 __all__ = [
     "ARCHIVE_MEDIA_TYPE",
     "FORMATS",
+    "InferOptions",
     "ModuleSource",
     "create_app",
     "etag_matches",
@@ -79,6 +84,32 @@ _HASH_CHUNK = 1 << 20
 # saved_model.pb read from a prebuilt archive for the HTML page, at most this big.
 _MAX_GRAPH_BYTES = 256 << 20
 _MEMO_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    """How ``/v2`` predictions are served (``asynchub serve --infer``).
+
+    ``preload`` loads every module under ROOT at start-up instead of on first use.
+    With ``batching``, concurrent requests to one model and signature are joined by
+    :meth:`asynchub.Module.batched` (``max_batch_size`` rows, ``max_delay`` seconds);
+    without, each runs alone with :meth:`~asynchub.Module.acall`. A request that finds
+    ``max_queue`` rows already waiting is refused at once with 503 (``None``: it waits).
+    """
+
+    preload: bool = False
+    batching: bool = True
+    max_batch_size: int = 64
+    max_delay: float = 0.002
+    max_queue: int | None = 4096
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_batch_size, bool) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
+        if not 0 <= self.max_delay < float("inf"):
+            raise ValueError(f"max_delay must be seconds >= 0, got {self.max_delay!r}")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError(f"max_queue must be None or an int >= 1, got {self.max_queue!r}")
 
 
 @dataclass(frozen=True)
@@ -503,18 +534,31 @@ def _not_found() -> Response:
 
 
 def create_app(
-    root: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+    root: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    infer: InferOptions | bool = False,
 ) -> Starlette:
     """An ASGI app serving the modules under ``root`` (see the module docstring).
 
     ``cache_dir`` keeps directories packed on demand; by default a temp dir, created on
-    first use and removed at shutdown (ASGI lifespan). Raises :class:`ModuleError` when
-    ``root`` is not a directory.
+    first use and removed at shutdown (ASGI lifespan). ``infer`` (``True`` for the
+    defaults) adds the Open Inference Protocol's ``/v2`` routes, which need TensorFlow.
+    Raises :class:`ModuleError` when ``root`` is not a directory.
     """
     root_path = Path(root).resolve()
     if not root_path.is_dir():
         raise ModuleError(f"the module root {root_path} is not a directory")
     host = _Host(root_path, Path(cache_dir).absolute() if cache_dir is not None else None)
+    inference = None
+    if infer is not False:
+        if importlib.util.find_spec("tensorflow") is None:
+            raise MissingDependencyError(
+                'answering predictions (infer) needs TensorFlow: pip install "asynchub[tensorflow]"'
+            )
+        from ._infer import Inference
+
+        inference = Inference(root_path, InferOptions() if infer is True else infer)
 
     async def index(request: Request) -> Response:
         sources = await anyio.to_thread.run_sync(scan, host.root)
@@ -578,12 +622,17 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
+            if inference is not None:
+                await inference.start()
             yield
         finally:
             host.close()
+            if inference is not None:
+                await inference.close()
 
     return Starlette(
         routes=[
+            *(inference.routes() if inference is not None else ()),
             Route("/", index, methods=["GET"]),
             Route("/{path:path}", module, methods=["GET"]),
         ],

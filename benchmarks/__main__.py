@@ -30,11 +30,12 @@ _MARKERS = (
 
 
 def _parts() -> dict[str, Callable[[Work], list[Section]]]:
-    from . import bench_apply, bench_batched, bench_gzip, bench_memory, bench_resolve
+    from . import bench_apply, bench_batched, bench_gzip, bench_infer, bench_memory, bench_resolve
 
     return {
         "apply": bench_apply.run,
         "batched": bench_batched.run,
+        "infer": bench_infer.run,
         "resolve": bench_resolve.run,
         "prefetch": bench_resolve.run_prefetch,
         "memory": bench_memory.run,
