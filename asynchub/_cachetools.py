@@ -216,13 +216,16 @@ def _fetched(entry: cache.Entry) -> datetime.datetime | None:
 def _lock_state(entry: cache.Entry, now: float | None = None) -> tuple[str, str]:
     """``("none" | "live" | "stale", why)`` for ``<key>.lock``, by the hub's own verdict."""
     view = locks.look(entry)
-    verdict, why = locks.verdict(
-        view,
-        now=time.time() if now is None else now,
-        stale_after=OTHER_HOST_STALE_AFTER,
-        host=socket.gethostname(),
-        alive=locks.pid_alive,
-    )
+    if now is None:
+        verdict, why = locks.judge(view, OTHER_HOST_STALE_AFTER)
+    else:
+        verdict, why = locks.verdict(
+            view,
+            now=now,
+            stale_after=OTHER_HOST_STALE_AFTER,
+            host=socket.gethostname(),
+            alive=locks.pid_alive,
+        )
     if verdict is locks.Verdict.FREE:
         return "none", ""
     return ("stale" if verdict.take_over else "live"), why

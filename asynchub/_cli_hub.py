@@ -102,6 +102,19 @@ def _json_option(func: _F) -> _F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON (see docs).")(func)
 
 
+@contextmanager
+def _showing(display: Any) -> Iterator[None]:
+    """Draw the progress display (if any) while the body runs."""
+    if display is None:
+        yield
+        return
+    display.start()
+    try:
+        yield
+    finally:
+        display.stop()
+
+
 def _progress_callback(quiet: bool) -> tuple[Callable[[ProgressEvent], None], Any]:
     """The hub's progress callback: rich on a terminal, plain lines elsewhere, none if quiet."""
     if quiet:
@@ -196,14 +209,8 @@ def prefetch_command(
         ) as hub:
             return await hub.prefetch(wanted, return_exceptions=True, processes=processes)
 
-    with _errors():
-        if display is not None:
-            display.start()
-        try:
-            results = _run(run)
-        finally:
-            if display is not None:
-                display.stop()
+    with _errors(), _showing(display):
+        results = _run(run)
     failed = [(h, r) for h, r in zip(wanted, results, strict=True) if isinstance(r, HubError)]
     distinct = len(set(wanted))
     failed_distinct = len({h for h, _ in failed})
@@ -273,14 +280,8 @@ def resolve_command(
         ) as hub:
             return await hub.resolve(handle)
 
-    with _errors():
-        if display is not None:
-            display.start()
-        try:
-            path = _run(run)
-        finally:
-            if display is not None:
-                display.stop()
+    with _errors(), _showing(display):
+        path = _run(run)
     if as_json:
         _emit_json({"handle": handle, "path": str(path)})
     else:
@@ -333,14 +334,8 @@ def lock_command(
                 tg.start_soon(one, handle)
         return [found[h] for h in dict.fromkeys(wanted)]
 
-    with _errors():
-        if display is not None:
-            display.start()
-        try:
-            entries = _run_hub_errors(run)
-        finally:
-            if display is not None:
-                display.stop()
+    with _errors(), _showing(display):
+        entries = _run_hub_errors(run)
     click.echo(lock_text(entries), nl=False)
 
 
@@ -390,14 +385,8 @@ def mirror_push(
                 pushed.append((handle, where))
         return pushed
 
-    with _errors():
-        if display is not None:
-            display.start()
-        try:
-            pushed = _run_hub_errors(run)
-        finally:
-            if display is not None:
-                display.stop()
+    with _errors(), _showing(display):
+        pushed = _run_hub_errors(run)
     if as_json:
         _emit_json({"mirror": mirror, "pushed": [{"handle": h, "to": w} for h, w in pushed]})
     else:

@@ -536,19 +536,10 @@ class AsyncHub:
                 retries=self.config.retries,
                 chunk_size=self.config.chunk_size,
             )
-        if parsed.kind is HandleKind.PREFIX:
+        if parsed.kind in (HandleKind.PREFIX, HandleKind.OBJECT):
             assert parsed.url is not None
-            return ObjectPrefix(
-                self.object_stores,
-                parsed.url,
-                handle=parsed.text,
-                retries=self.config.retries,
-                timeouts=self.config.timeouts,
-                chunk_size=self.config.chunk_size,
-            )
-        if parsed.kind is HandleKind.OBJECT:
-            assert parsed.url is not None
-            return ObjectSource(
+            kind = ObjectPrefix if parsed.kind is HandleKind.PREFIX else ObjectSource
+            return kind(
                 self.object_stores,
                 parsed.url,
                 handle=parsed.text,

@@ -16,6 +16,7 @@ import enum
 import errno
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "Verdict",
     "break_lock",
     "holder_is_dead",
+    "judge",
     "lock_contents",
     "look",
     "parse_lock",
@@ -128,6 +130,13 @@ def verdict(
     if info.host == host:
         return Verdict.ALIVE, f"held by pid {info.pid}"
     return Verdict.OTHER_HOST, f"held by {info.host} pid {info.pid}"
+
+
+def judge(view: LockView, stale_after: float) -> tuple[Verdict, str]:
+    """:func:`verdict` for a lock seen from this host and process, now."""
+    return verdict(
+        view, now=time.time(), stale_after=stale_after, host=socket.gethostname(), alive=pid_alive
+    )
 
 
 def pid_alive(pid: int) -> bool:

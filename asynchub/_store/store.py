@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import random
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -237,13 +236,7 @@ class Store:
             if self.lookup(entry.key, source, accept) is not None:
                 return "complete", ""
             view = locks.look(entry)
-            verdict, why = locks.verdict(
-                view,
-                now=time.time(),
-                stale_after=self.stale_after,
-                host=socket.gethostname(),
-                alive=locks.pid_alive,
-            )
+            verdict, why = locks.judge(view, self.stale_after)
             if verdict is locks.Verdict.FREE:
                 return "again", why
             if verdict.take_over:
@@ -272,13 +265,7 @@ class Store:
         """Take over ``<key>.lock`` if its holder is dead (a killed worker); True if done."""
         entry = self.entry(key)
         view = locks.look(entry)
-        verdict, _ = locks.verdict(
-            view,
-            now=time.time(),
-            stale_after=self.stale_after,
-            host=socket.gethostname(),
-            alive=locks.pid_alive,
-        )
+        verdict, _ = locks.judge(view, self.stale_after)
         if verdict is not locks.Verdict.DEAD:
             return False
         return take_over(entry, view)
