@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import os
 import re
@@ -81,7 +82,7 @@ class ParsedHandle:
         """The handle that names the cache entry: as given, less a ``#sha256=`` fragment."""
         return self.text if self.base is None else self.base
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         if self.kind is HandleKind.ARCHIVE and self.path is not None:
             return cache_key(os.fspath(self.path))

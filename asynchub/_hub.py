@@ -349,17 +349,22 @@ class AsyncHub:
             processes=processes,
         )
 
+    def _parse_url(self, handle: Handle) -> ParsedHandle | None:
+        """A URL handle parsed, remembered (apps resolve the same few URLs again and
+        again); None for any other handle, whose parsing may touch the disk."""
+        if not (isinstance(handle, str) and handle[:8].lower().startswith(("http://", "https://"))):
+            return None
+        parsed = self._urls.get(handle)
+        if parsed is None:
+            parsed = parse(handle)
+            if len(self._urls) < _URL_MEMO:
+                self._urls[handle] = parsed
+        return parsed
+
     async def _parse(self, handle: Handle) -> ParsedHandle:
-        if isinstance(handle, str) and handle[:8].lower().startswith(("http://", "https://")):
-            # Pure string work, so it stays on the loop; remembered, since apps
-            # resolve the same few URLs again and again.
-            parsed = self._urls.get(handle)
-            if parsed is None:
-                parsed = parse(handle)
-                if len(self._urls) < _URL_MEMO:
-                    self._urls[handle] = parsed
-            return parsed
-        return await to_thread.run_sync(parse, handle)
+        # A URL is pure string work, so it stays on the loop.
+        parsed = self._parse_url(handle)
+        return parsed if parsed is not None else await to_thread.run_sync(parse, handle)
 
     async def lookup(self, handle: Handle) -> Path | None:
         """The local module directory for ``handle`` if it needs no download, else None.
@@ -381,7 +386,9 @@ class AsyncHub:
     def _lookup_blocking(self, handle: Handle) -> Path | None:
         """:meth:`lookup`, blocking, from any thread: lets the sync facade answer a hit at once."""
         try:
-            parsed = parse(handle)
+            parsed = self._parse_url(handle)
+            if parsed is None:
+                parsed = parse(handle)
             if parsed.kind is HandleKind.DIRECTORY:
                 return parsed.path
             accept = _accept(self._pin(parsed, None))
