@@ -17,8 +17,10 @@ import hashlib
 import importlib
 import os
 import posixpath
+import queue
 import sys
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Container, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -125,6 +127,37 @@ def _looks_like_tar(head: bytes) -> bool:
     return stored == computed
 
 
+class _Hasher:
+    """sha256 of the pulled chunks, computed in a thread of its own.
+
+    hashlib drops the GIL for large updates, so hashing beside the inflater
+    (which drops it too) costs no time on the extraction thread, the one that
+    bounds a download: about 0.1 s per 150 MB there otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="asynchub-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._sha.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._chunks.put(chunk)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._sha.hexdigest()
+
+
 class _Inflater:
     """A file-like ``read(n)`` over pulled chunks, gunzipping when the data is gzip.
 
@@ -139,16 +172,19 @@ class _Inflater:
         self._backend = backend
         self._errors: tuple[type[Exception], ...] = (zlib.error, backend.error)
         self._eof = False
-        # Hashed as pulled, one update per chunk: hashlib drops the GIL for large
-        # updates, so this costs no Python work per byte.
-        self._sha = hashlib.sha256()
+        # Hashed as pulled, one update per chunk, in a thread of its own.
+        self._sha = _Hasher()
         self.archive_bytes = 0
         #: Set when a read found nothing left: the tar wanted bytes past the end.
         self.starved = False
-        head = self._fill_raw(512)
-        # Read the content type only now: for a download it is known once bytes arrive.
-        ctype = content_type() if callable(content_type) else content_type
-        self.kind = sniff(head[:512], ctype)
+        try:
+            head = self._fill_raw(512)
+            # Read the content type only now: for a download it is known once bytes arrive.
+            ctype = content_type() if callable(content_type) else content_type
+            self.kind = sniff(head[:512], ctype)
+        except BaseException:
+            self._sha.close()
+            raise
         self._raw = head
         self._dec: Any = backend.decompressobj(wbits=31) if self.kind == "gzip" else None
         self._head = b""  # the piece being read from, and the offset into it
@@ -158,9 +194,13 @@ class _Inflater:
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
+    def close(self) -> None:
+        self._sha.close()
+
     def _take(self) -> bytes:
         chunk = self._pull()
-        self._sha.update(chunk)
+        if chunk:
+            self._sha.update(chunk)
         self.archive_bytes += len(chunk)
         return chunk
 
@@ -400,6 +440,13 @@ def extract(
     """
     _, module = gzip_backend(backend)
     source = _Inflater(pull, module, content_type)
+    try:
+        return _extract(source, dest, limit=limit, file_digests=file_digests)
+    finally:
+        source.close()
+
+
+def _extract(source: _Inflater, dest: Path, *, limit: int, file_digests: bool) -> Manifest:
     manifest = Manifest(compressed=source.kind == "gzip")
     sums: dict[str, str] | None = {} if file_digests else None
     dest_real = os.path.realpath(dest)
