@@ -11,7 +11,9 @@ import datetime
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -412,14 +414,55 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _run(func: Callable[[], Awaitable[_T]]) -> _T:
+    """Run ``func`` on an event loop; Ctrl-C cancels it, cleanly, and exits 130.
+
+    Ctrl-C is received by the loop itself (a signal receiver), not left to the
+    default KeyboardInterrupt: asyncio's runner turns that into a cancellation
+    of its main task, which a command whose cleanup shields itself (worker
+    processes, tmp dirs) may finish normally, exiting 0 as if nothing happened.
+    """
     import anyio
 
+    interrupted = False
+    result: list[_T] = []
+    failed: list[Exception] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal interrupted
+                with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                    async for _ in signals:
+                        interrupted = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            async def work() -> None:
+                # Its error is raised as itself below, not wrapped in the group's.
+                try:
+                    result.append(await func())
+                except Exception as exc:
+                    failed.append(exc)
+                finally:
+                    tg.cancel_scope.cancel()
+
+            # Signals reach only a main thread's loop (not, e.g., a test's CliRunner).
+            if os.name == "posix" and threading.current_thread() is threading.main_thread():
+                tg.start_soon(watch)
+            tg.start_soon(work)
+
     try:
-        return anyio.run(func)
+        anyio.run(main)
     except KeyboardInterrupt:
+        interrupted = True
+    if failed and not interrupted:
+        raise failed[0]
+    if interrupted:
         # The core has removed its .tmp dirs and locks on the way out.
         click.echo("error: interrupted", err=True)
-        raise click.exceptions.Exit(130) from None
+        raise click.exceptions.Exit(130)
+    return result[0]
 
 
 # -- cache ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ one download.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import contextvars
 import os
@@ -58,6 +59,8 @@ T = TypeVar("T")
 
 #: How long an interrupted call may take to clean up its tmp dir and lock.
 _CLEANUP_WAIT = 60.0
+#: The longest a blocked sync call takes to notice Ctrl-C.
+_INTERRUPT_POLL = 0.2
 
 
 class _HubOptionsBase(TypedDict, total=False):
@@ -196,7 +199,15 @@ class Hub:
 
         future = portal.start_task_soon(run)
         try:
-            return future.result()
+            # Waited for in short steps, not at once: a Ctrl-C that the kernel hands
+            # to another thread (or Ray's cancellation, raised asynchronously in this
+            # one) only takes effect when this thread runs Python code again, and an
+            # untimed wait would run none until the download had finished.
+            while True:
+                try:
+                    return future.result(timeout=_INTERRUPT_POLL)
+                except concurrent.futures.TimeoutError:
+                    continue
         except BaseException:
             # KeyboardInterrupt lands here in the caller's thread while the task
             # runs on in the portal's: cancel it and wait for its finally blocks,
