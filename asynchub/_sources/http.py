@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -278,9 +279,25 @@ class HttpSource:
             what = f"was cut after {received:,} bytes"
         else:
             what = "failed"
-        detail = str(exc) or type(exc).__name__
+        detail = _detail(exc)
         return NetworkError(
             f"{self._handle}: the request to {self.url} {what} ({detail})",
             handle=self._handle,
             url=self.url,
         )
+
+
+def _detail(exc: BaseException) -> str:
+    """What went wrong, for a message: a TLS error anywhere in the chain, else the error's text.
+
+    On trio a failed certificate check arrives as an httpx.ConnectError with no
+    text, its ssl error two causes down.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause}"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
