@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import typing as _typing
 
-from ._config import Retries, Timeouts
-from ._display import ProgressDisplay
-from ._export import export
-from ._hub import AsyncHub
-from ._module import Module, SignatureInfo, TensorInfo
-from ._pack import pack
-from ._progress import ProgressEvent, ProgressKind
-from ._sync import Hub, aload, aprefetch, aresolve, load, prefetch, resolve
 from .errors import (
     ArchiveError,
     CacheError,
@@ -33,8 +25,38 @@ from .errors import (
     UnsafeArchiveError,
 )
 
+# Names are imported on first use (PEP 562), so `import asynchub` and the
+# modules of its worker processes and command line pay only for what they use:
+# the hub's imports (httpx, anyio) are most of the time a short command takes.
+_WHERE = {
+    "Retries": "._config",
+    "Timeouts": "._config",
+    "ProgressDisplay": "._display",
+    "export": "._export",
+    "AsyncHub": "._hub",
+    "KerasLayer": "._keras",  # imports Keras and TensorFlow: seconds
+    "Module": "._module",
+    "SignatureInfo": "._module",
+    "TensorInfo": "._module",
+    "pack": "._pack",
+    "ProgressEvent": "._progress",
+    "ProgressKind": "._progress",
+    **dict.fromkeys(
+        ("Hub", "aload", "aprefetch", "aresolve", "load", "prefetch", "resolve"), "._sync"
+    ),
+}
+
 if _typing.TYPE_CHECKING:
+    from ._config import Retries, Timeouts
+    from ._display import ProgressDisplay
+    from ._export import export
+    from ._hub import AsyncHub
     from ._keras import KerasLayer
+    from ._module import Module, SignatureInfo, TensorInfo
+    from ._pack import pack
+    from ._progress import ProgressEvent, ProgressKind
+    from ._sync import Hub, aload, aprefetch, aresolve, load, prefetch, resolve
+
 
 __version__ = "0.1.0"
 
@@ -81,14 +103,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> _typing.Any:
-    # KerasLayer subclasses keras.layers.Layer, so defining it imports Keras and
-    # TensorFlow (seconds); that happens on first use, never at `import asynchub`.
-    if name == "KerasLayer":
-        from ._keras import KerasLayer
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        globals()[name] = KerasLayer
-        return KerasLayer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
