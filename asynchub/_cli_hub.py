@@ -165,8 +165,10 @@ def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str
     type=click.IntRange(min=1),
     default=None,
     help=(
-        "Spread the downloads over up to N worker processes, for more than one core "
-        "(default: the cores, at most 4; 1 turns it off). Cached handles start none."
+        "Spread the downloads over up to N worker processes, for more cores than one "
+        "process can use (1 turns them off). Default: decided from the work, one "
+        "process per 2 cores and 2 downloads, at most 4, and none below 2 (so none on "
+        "a 2-core machine). Cached handles start none."
     ),
 )
 @_json_option
@@ -185,9 +187,9 @@ def prefetch_command(
 
     Prints each handle's path (or its error) in input order; exits 1 if any
     failed. Progress goes to stderr: live bars on a terminal, plain lines
-    elsewhere. Downloads run in up to --processes worker processes (one
-    process gets about 1.4 cores at most, held back by Python's GIL); -j bounds the
-    downloads at once across all of them.
+    elsewhere. On a machine with more cores than one process can use (it gets
+    about 1.4, held back by Python's GIL), downloads run in worker processes
+    (--processes); -j bounds the downloads at once across all of them.
     """
     from ._hub import AsyncHub
 
@@ -198,8 +200,6 @@ def prefetch_command(
     if not wanted:
         raise click.UsageError("no handles given (pass HANDLE... or --from-file FILE)")
     callback, display = _progress_callback(quiet)
-    if processes is None:
-        processes = min(os.cpu_count() or 1, 4)
 
     async def run() -> Sequence[Path | HubError]:
         async with AsyncHub(
@@ -209,7 +209,9 @@ def prefetch_command(
             progress=callback,
             lockfile=lockfile,
         ) as hub:
-            return await hub.prefetch(wanted, return_exceptions=True, processes=processes)
+            return await hub.prefetch(
+                wanted, return_exceptions=True, processes="auto" if processes is None else processes
+            )
 
     with _errors(), _showing(display):
         results = _run(run)

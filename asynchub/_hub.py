@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
@@ -19,7 +20,6 @@ import httpx
 from anyio import from_thread, to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import _mirrors
 from ._archive import Manifest, check_conflict, check_member, extract
 from ._archive import gzip_backend as find_gzip_backend
 from ._config import HubConfig, MirrorMismatch, Retries, Timeouts
@@ -36,9 +36,10 @@ from ._sources import (
     Retry,
     Source,
     Transfer,
+    _net,
 )
 from ._store import Accept, Claim, Record, Store
-from ._types import Handle, ProgressCallback
+from ._types import Handle, Processes, ProgressCallback
 from .errors import (
     ArchiveError,
     CacheError,
@@ -127,7 +128,11 @@ class AsyncHub:
             file_digests=file_digests,
         )
         #: Mirrors as kept (normalised); a malformed one fails here, as does a bad lock file.
-        self._mirrors = tuple(_mirrors.normalise(m) for m in self.config.mirrors)
+        self._mirrors: tuple[str, ...] = ()
+        if self.config.mirrors:
+            from . import _mirrors  # only with mirrors: it brings the packer and object stores
+
+            self._mirrors = tuple(_mirrors.normalise(m) for m in self.config.mirrors)
         self._lock: dict[str, LockEntry] | None = (
             None if self.config.lockfile is None else read_lock(self.config.lockfile)
         )
@@ -175,18 +180,20 @@ class AsyncHub:
         if self._state != "new":
             raise HubClosedError("an AsyncHub can be entered once; make a new one")
         t = self.config.timeouts
+        limits = httpx.Limits(
+            max_connections=max(10, self.config.max_concurrency * 2),
+            # Off for hubs nobody closes (the async helpers' per-loop hubs): no
+            # idle connection is then left to be collected with its loop.
+            max_keepalive_connections=None if self._keep_alive else 0,
+        )
         self._client = httpx.AsyncClient(
             # Redirects are followed by the http source, which keeps configured
             # headers on the origin they were configured for.
             follow_redirects=False,
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=None),
-            limits=httpx.Limits(
-                max_connections=max(10, self.config.max_concurrency * 2),
-                # Off for hubs nobody closes (the async helpers' per-loop hubs): no
-                # idle connection is then left to be collected with its loop.
-                max_keepalive_connections=None if self._keep_alive else 0,
-            ),
-            transport=self._transport,
+            limits=limits,
+            # Ours unless one was given: larger socket reads, a TLS context per process.
+            transport=self._transport or _net.transport(limits),
         )
         self._limiter = anyio.CapacityLimiter(self.config.max_concurrency)
         if self._progress is None and self.config.progress:
@@ -291,7 +298,7 @@ class AsyncHub:
         *,
         max_concurrency: int | None = ...,
         return_exceptions: Literal[False] = ...,
-        processes: int | None = ...,
+        processes: Processes = ...,
         digests: Mapping[str, str] | None = ...,
     ) -> list[Path]: ...
 
@@ -302,7 +309,7 @@ class AsyncHub:
         *,
         max_concurrency: int | None = ...,
         return_exceptions: bool,
-        processes: int | None = ...,
+        processes: Processes = ...,
         digests: Mapping[str, str] | None = ...,
     ) -> list[Path | HubError]: ...
 
@@ -312,7 +319,7 @@ class AsyncHub:
         *,
         max_concurrency: int | None = None,
         return_exceptions: bool = False,
-        processes: int | None = None,
+        processes: Processes = None,
         digests: Mapping[str, str] | None = None,
     ) -> list[Path] | list[Path | HubError]:
         """Resolve many handles at once; results in input order.
@@ -322,8 +329,10 @@ class AsyncHub:
         every failed handle (or, with ``return_exceptions=True``, the errors stand
         in the list in place of paths). ``max_concurrency`` bounds this call's
         downloads on top of the hub's own bound. ``processes=N`` (N >= 2) spreads
-        the downloads over up to N worker processes, for more than the one core
-        a process gets under the GIL; cached handles never start one.
+        the downloads over up to N worker processes, for more than the cores
+        one process can use under the GIL; ``processes="auto"`` starts them
+        only when the machine and the batch are large enough to gain from them
+        (:func:`asynchub._prefetch.plan_processes`). Cached handles never start one.
         ``digests`` maps handles to the ``"sha256:<hex>"`` each must match.
         """
         from ._prefetch import prefetch
@@ -559,6 +568,8 @@ class AsyncHub:
 
     def _mirror_source(self, parsed: ParsedHandle, mirror: str) -> Source:
         """The source of ``<mirror>/<key>.tar.gz``; a mirror gets none of the configured headers."""
+        from . import _mirrors
+
         where = _mirrors.archive_location(mirror, parsed.key)
         kind = _mirrors.kind_of(mirror)
         if kind == "http":
@@ -761,25 +772,27 @@ class AsyncHub:
         transfer: Transfer,
         file_digests: bool = False,
     ) -> Manifest:
-        async def take() -> bytes:
+        async def take() -> list[bytes]:
+            # Everything queued, in one hop to the loop; not joined (a copy for nothing).
             try:
-                first = await receive.receive()
+                chunks = [await receive.receive()]
             except anyio.EndOfStream:
-                return b""
-            chunks = [first]
+                return []
             while True:
                 try:
                     chunks.append(receive.receive_nowait())
                 except (anyio.EndOfStream, anyio.WouldBlock):
-                    break
-            return first if len(chunks) == 1 else b"".join(chunks)
+                    return chunks
 
         md5: Any = None
         pulled = False
+        taken: collections.deque[bytes] = collections.deque()
 
         def pull() -> bytes:
             nonlocal md5, pulled
-            data = from_thread.run(take)
+            if not taken:
+                taken.extend(from_thread.run(take))
+            data = taken.popleft() if taken else b""
             if not pulled:
                 # The source learns the server's checksum before its first byte.
                 pulled = True

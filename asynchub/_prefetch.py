@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, cast, overload
 
 import anyio
 
-from ._types import Handle, ProgressCallback
+from ._types import Handle, Processes, ProgressCallback
 from .errors import HubError, PrefetchError
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -50,7 +50,7 @@ async def prefetch(
     *,
     max_concurrency: int | None = ...,
     return_exceptions: Literal[False] = ...,
-    processes: int | None = ...,
+    processes: Processes = ...,
 ) -> list[Path]: ...
 
 
@@ -61,7 +61,7 @@ async def prefetch(
     *,
     max_concurrency: int | None = ...,
     return_exceptions: bool,
-    processes: int | None = ...,
+    processes: Processes = ...,
 ) -> list[Path | HubError]: ...
 
 
@@ -71,7 +71,7 @@ async def prefetch(
     *,
     max_concurrency: int | None = None,
     return_exceptions: bool = False,
-    processes: int | None = None,
+    processes: Processes = None,
 ) -> list[Path] | list[Path | HubError]:
     """Resolve every handle concurrently; return their paths in input order.
 
@@ -86,11 +86,11 @@ async def prefetch(
     to N worker processes (see ``_worker``); cached handles, local dirs and
     offline hubs stay in this process, as does everything when only one
     handle needs a download or the hub has a custom transport.
+    ``processes="auto"`` takes N from :func:`plan_processes`.
     """
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-    if processes is not None and processes < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
+    check_processes(processes)
     hub.limiter  # noqa: B018 - raises HubClosedError on a hub that is not open
     items = list(handles)
     # One task per distinct handle text: the cache key is the text, so "m" and
@@ -117,9 +117,18 @@ async def prefetch(
             results[key] = exc
 
     remote: list[str] = []
-    if processes is not None and processes >= 2 and not hub.custom_transport:
+    auto = processes == "auto"
+    workers = 0
+    if auto:
+        # Every handle counted as a download: the most there can be.
+        workers = plan_processes(len(distinct), usable_cores())
+    elif isinstance(processes, int):
+        workers = processes
+    if workers >= 2 and not hub.custom_transport:
         remote = await _to_download(hub, distinct)
-        if len(remote) < 2:
+        if auto:
+            workers = plan_processes(len(remote), usable_cores())
+        if len(remote) < 2 or workers < 2:
             remote = []  # one download: a worker process would only add its start-up
     sent = set(remote)
     in_process = {key: handle for key, handle in distinct.items() if key not in sent}
@@ -131,7 +140,6 @@ async def prefetch(
             if remote:
                 from . import _workers
 
-                assert processes is not None
                 limit = min(
                     max_concurrency or hub.config.max_concurrency, int(hub.limiter.total_tokens)
                 )
@@ -139,7 +147,7 @@ async def prefetch(
                     _workers.run,
                     hub,
                     remote,
-                    processes,
+                    workers,
                     limit,
                     limiter,
                     results,
@@ -156,6 +164,46 @@ async def prefetch(
     if failed:
         raise PrefetchError(_message(failed, len(distinct)), [error for _, error in failed])
     return cast(list[Path], ordered)
+
+
+def check_processes(processes: Processes) -> None:
+    if processes is None or processes == "auto":
+        return
+    if isinstance(processes, bool) or not isinstance(processes, int):
+        raise TypeError(f"processes must be an int, 'auto' or None, got {processes!r}")
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+
+
+#: What one worker process must have to pay for its start-up (~0.25 s: an
+#: interpreter, httpx and anyio) and for a second event loop.
+_CORES_PER_PROCESS = 2
+_DOWNLOADS_PER_PROCESS = 2
+_AUTO_MAX = 4
+
+
+def plan_processes(downloads: int, cores: int, cap: int = _AUTO_MAX) -> int:
+    """How many worker processes ``processes="auto"`` starts for ``downloads`` on ``cores``.
+
+    0 means none: every download stays in this process. One process already
+    uses up to about 1.4 cores (the event loop, and gunzip, hashing and writes
+    in threads that release the GIL), so on 2 cores a second process only adds
+    its start-up and contention: measured slower (benchmarks/README.md,
+    "Prefetch"). A worker process is started for every 2 cores and every 2
+    downloads, at most ``cap``, and only when that makes at least two: the
+    archives' sizes are not known before their responses arrive, so their
+    number stands in for the work.
+    """
+    count = min(cap, cores // _CORES_PER_PROCESS, downloads // _DOWNLOADS_PER_PROCESS)
+    return count if count >= 2 else 0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _dedupe_key(handle: object, index: int) -> str:

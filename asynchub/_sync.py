@@ -42,7 +42,7 @@ from anyio.lowlevel import RunVar
 
 from ._config import ENV_PROGRESS, HubConfig, MirrorMismatch, Retries, Timeouts, env_flag
 from ._hub import AsyncHub
-from ._types import Handle, ProgressCallback
+from ._types import Handle, Processes, ProgressCallback
 from .errors import HubClosedError, HubError
 
 if sys.version_info >= (3, 11):
@@ -253,7 +253,7 @@ class Hub:
         *,
         max_concurrency: int | None = ...,
         return_exceptions: Literal[False] = ...,
-        processes: int | None = ...,
+        processes: Processes = ...,
         digests: Mapping[str, str] | None = ...,
     ) -> list[Path]: ...
 
@@ -264,7 +264,7 @@ class Hub:
         *,
         max_concurrency: int | None = ...,
         return_exceptions: bool,
-        processes: int | None = ...,
+        processes: Processes = ...,
         digests: Mapping[str, str] | None = ...,
     ) -> list[Path | HubError]: ...
 
@@ -274,7 +274,7 @@ class Hub:
         *,
         max_concurrency: int | None = None,
         return_exceptions: bool = False,
-        processes: int | None = None,
+        processes: Processes = None,
         digests: Mapping[str, str] | None = None,
     ) -> list[Path] | list[Path | HubError]:
         """See :meth:`AsyncHub.prefetch`."""
@@ -412,7 +412,7 @@ def prefetch(
     *,
     max_concurrency: int | None = None,
     return_exceptions: bool = False,
-    processes: int | None = None,
+    processes: Processes = None,
     digests: Mapping[str, str] | None = None,
 ) -> list[Path] | list[Path | HubError]:
     """Resolve many handles at once with the default hub."""
@@ -542,7 +542,7 @@ async def aprefetch(
     *,
     max_concurrency: int | None = ...,
     return_exceptions: Literal[False] = ...,
-    processes: int | None = ...,
+    processes: Processes = ...,
     **hub_options: Unpack[_HubOptionsBase],
 ) -> list[Path]: ...
 
@@ -553,7 +553,7 @@ async def aprefetch(
     *,
     max_concurrency: int | None = ...,
     return_exceptions: bool,
-    processes: int | None = ...,
+    processes: Processes = ...,
     **hub_options: Unpack[_HubOptionsBase],
 ) -> list[Path | HubError]: ...
 
@@ -563,7 +563,7 @@ async def aprefetch(
     *,
     max_concurrency: int | None = None,
     return_exceptions: bool = False,
-    processes: int | None = None,
+    processes: Processes = None,
     **hub_options: Unpack[_HubOptionsBase],
 ) -> list[Path] | list[Path | HubError]:
     """Async :func:`prefetch` on the running loop.

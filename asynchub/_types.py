@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias, Union
+from typing import TYPE_CHECKING, Literal, TypeAlias, Union
 
 if TYPE_CHECKING:
     from ._progress import ProgressEvent
@@ -15,3 +15,7 @@ Handle: TypeAlias = Union[str, "os.PathLike[str]"]
 
 #: Called with each progress event; must be cheap and must not block.
 ProgressCallback: TypeAlias = Callable[["ProgressEvent"], None]
+
+#: ``prefetch``'s worker processes: None or 1 for none, N to use up to N, or
+#: ``"auto"`` to decide from the cores and the downloads (``_prefetch.plan_processes``).
+Processes: TypeAlias = int | Literal["auto"] | None

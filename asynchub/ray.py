@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from ._config import HubConfig
 from ._hub import AsyncHub
 from ._module import Module, default_signature
+from ._prefetch import check_processes
 from ._sync import Hub, HubOptions, aload
 from ._tf import import_tensorflow
-from ._types import Handle
+from ._types import Handle, Processes
 from ._workers import error_from_json, error_to_json
 from .errors import HandleError, HubError, MissingDependencyError, PrefetchError, SignatureError
 
@@ -73,7 +74,7 @@ def prefetch_on_nodes(
     handles: Iterable[Handle],
     *,
     return_exceptions: Literal[False] = ...,
-    processes: int | None = ...,
+    processes: Processes = ...,
     task_timeout: float | None = ...,
     **hub_options: Unpack[HubOptions],
 ) -> dict[str, list[str]]: ...
@@ -84,7 +85,7 @@ def prefetch_on_nodes(
     handles: Iterable[Handle],
     *,
     return_exceptions: bool,
-    processes: int | None = ...,
+    processes: Processes = ...,
     task_timeout: float | None = ...,
     **hub_options: Unpack[HubOptions],
 ) -> dict[str, list[str | HubError]]: ...
@@ -94,7 +95,7 @@ def prefetch_on_nodes(
     handles: Iterable[Handle],
     *,
     return_exceptions: bool = False,
-    processes: int | None = None,
+    processes: Processes = None,
     task_timeout: float | None = None,
     **hub_options: Unpack[HubOptions],
 ) -> dict[str, list[str]] | dict[str, list[str | HubError]]:
@@ -122,8 +123,7 @@ def prefetch_on_nodes(
 
     items = list(handles)
     _check_hub_options(hub_options)
-    if processes is not None and processes < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
+    check_processes(processes)
     if not ray.is_initialized():
         ray.init()
     nodes = [node for node in ray.nodes() if node.get("Alive")]
@@ -181,7 +181,7 @@ def _label(node: Mapping[str, Any]) -> str:
 
 
 def _prefetch_here(
-    handles: list[Handle], options: dict[str, Any], processes: int | None
+    handles: list[Handle], options: dict[str, Any], processes: Processes
 ) -> list[str | dict[str, Any]]:
     """The task on one node: prefetch into its cache; paths as text, errors as data.
 

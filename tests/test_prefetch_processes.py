@@ -298,3 +298,69 @@ def test_cli_ctrl_c_stops_the_workers_and_leaves_a_clean_cache(
     assert "error: interrupted" in err
     assert leftovers(cache_dir) == []
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+# -- processes="auto": the number decided from the cores and the downloads -------------
+
+
+@pytest.mark.parametrize(
+    ("downloads", "cores", "expected"),
+    [
+        (16, 1, 0),
+        (16, 2, 0),  # one process uses ~1.4 cores: a second only adds its start-up
+        (16, 3, 0),
+        (16, 4, 2),
+        (16, 8, 4),
+        (16, 64, 4),  # at most 4
+        (3, 8, 0),  # one process per 2 downloads, and never just one
+        (4, 8, 2),
+        (7, 8, 3),
+        (0, 8, 0),
+    ],
+)
+def test_plan_processes(downloads: int, cores: int, expected: int) -> None:
+    from asynchub._prefetch import plan_processes
+
+    assert plan_processes(downloads, cores) == expected
+
+
+def test_usable_cores_follow_the_affinity() -> None:
+    from asynchub._prefetch import usable_cores
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    assert usable_cores() == len(os.sched_getaffinity(0)) >= 1
+
+
+@pytest.mark.parametrize("cores", [2, 8])
+async def test_auto_starts_workers_only_where_they_pay(
+    server: Server,
+    cache_dir: Path,
+    bodies: list[bytes],
+    spawned: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+) -> None:
+    from asynchub import _prefetch
+
+    monkeypatch.setattr(_prefetch, "usable_cores", lambda: cores)
+    urls = [server.add(f"/m/{i}", body=bodies[i]) for i in range(6)]
+    async with hub(cache_dir) as h:
+        paths = await h.prefetch(urls, processes="auto")
+        assert paths == [cache_dir / key(u) for u in urls]
+        assert all(complete(cache_dir, u) for u in urls)
+        # All cached now: nothing to download, so no worker either way.
+        before = len(spawned)
+        assert await h.prefetch(urls, processes="auto") == paths
+        assert len(spawned) == before
+    # 6 downloads on 8 cores: min(4, 8 // 2, 6 // 2) = 3 workers; on 2 cores none.
+    assert len(spawned) == (3 if cores == 8 else 0)
+    assert workers_left() == []
+
+
+async def test_processes_must_be_a_count_or_auto(cache_dir: Path) -> None:
+    async with hub(cache_dir) as h:
+        with pytest.raises(TypeError, match="processes"):
+            await h.prefetch([], processes="many")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="processes"):
+            await h.prefetch([], processes=0)
