@@ -1,5 +1,5 @@
 """``python -m asynchub``: the command line, where the ``asynchub`` script is not on PATH."""
 
-from .cli import main
+from ._launch import main
 
-main(prog_name="asynchub")
+main()

@@ -51,17 +51,12 @@ _MAX_LINE = 16 * 1024 * 1024
 _STDERR_TAIL = 4096  # bytes of a child's stderr kept for error messages
 _GRACE = 10.0  # seconds a signalled child may take to clean up before SIGKILL
 _EXIT_SIGNALLED = 130
-#: The child's first lines: the parent's import path, in its order, then the entry point.
-#: The child runs on asyncio and has no command line, so two imports it would
-#: never use are refused up front (a refused import is an ImportError, which
-#: both importers expect): httpx's own CLI (click, rich, pygments), which
-#: ``import httpx`` loads when they are installed, and trio, which httpcore
-#: loads when it is installed. About 0.15 s of each child's start-up.
-_UNUSED_IN_CHILD = ("httpx._main", "trio")
+#: The child's first lines: the parent's import path, in its order, then the
+#: entry point, which refuses the imports it never uses first (``_launch``).
 _BOOT = (
     "import json, sys; "
-    f"sys.modules.update(dict.fromkeys({_UNUSED_IN_CHILD!r})); "
     "sys.path[:] = json.loads(sys.argv[1]); "
+    "from asynchub._launch import refuse_unused; refuse_unused(); "
     "from asynchub._worker import main; main()"
 )
 
