@@ -474,6 +474,12 @@ class AsyncHub:
         key = parsed.key if pin is None else f"{parsed.key} {pin}"
         if accept is not None:
             key += f" {id(accept)}"
+        if key not in self._flights:
+            # A hit answered on the loop needs no flight for others to wait on.
+            hit = self.store.lookup_inline(parsed.key, parsed.stamp, accept or _accept(pin))
+            if hit is not None:
+                self._emit(ProgressKind.CACHED, parsed, path=hit)
+                return hit
         while True:
             flight = self._flights.get(key)
             if flight is None:
