@@ -175,7 +175,7 @@ class _Inflater:
         # Hashed as pulled, one update per chunk, in a thread of its own.
         self._sha = _Hasher()
         self.archive_bytes = 0
-        #: Set when a read found nothing left: the tar wanted bytes past the end.
+        #: Set when a read came up short: the tar wanted bytes past the end.
         self.starved = False
         try:
             head = self._fill_raw(512)
@@ -287,9 +287,9 @@ class _Inflater:
             if self._off >= len(self._head):
                 self._head, self._off = self._produce(), 0
                 if not self._head:
-                    # tarfile's stream reader asks again only while it is short of
-                    # what it needs, so an empty answer means the tar is cut.
-                    self.starved = not out
+                    # tarfile asks for exactly what it needs (a header, a member's
+                    # data, a padding byte): a short answer means the tar is cut.
+                    self.starved = True
                     break
             available = len(self._head) - self._off
             if self._off == 0 and available <= n:
@@ -307,6 +307,45 @@ class _Inflater:
         """Consume what is left, so the producer is never left blocked."""
         while self._produce():
             pass
+
+
+class _Forward:
+    """The tar stream as a file that seeks forward only, for tarfile's random-access mode.
+
+    tarfile's stream mode (``r|``) buffers through its own ``_Stream``, which
+    joins and slices every read: about four copies of each byte with the GIL
+    held, the extraction thread's largest cost after inflating (py-spy). Read
+    in member order, random-access mode only ever seeks forward (past padding,
+    or to where it already is), so the inflated pieces reach the file writes
+    with one copy. A backward seek would mean re-reading: refused.
+    """
+
+    def __init__(self, source: _Inflater) -> None:
+        self._source = source
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._source.read(n)
+        self._pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            pos += self._pos
+        elif whence != os.SEEK_SET:
+            raise ArchiveError("the archive is read as a stream: it cannot seek from its end")
+        if pos < self._pos:
+            raise ArchiveError(
+                f"the tar archive asks to go back from byte {self._pos:,} to {pos:,}; "
+                "a streamed archive is read once, in order"
+            )
+        while pos > self._pos:
+            if not self.read(min(pos - self._pos, _COPY)):
+                break  # at the end: the next read tells tarfile so
+        return self._pos
 
 
 class _TarInfo(tarfile.TarInfo):
@@ -454,7 +493,7 @@ def _extract(source: _Inflater, dest: Path, *, limit: int, file_digests: bool) -
     dirs: dict[str, str] = {}  # every directory, explicit or implied: the member behind it
     try:
         tar: _ReadTar
-        with _ReadTar.open(fileobj=source, mode="r|", bufsize=_COPY) as tar:  # type: ignore[call-overload]
+        with _ReadTar(fileobj=_Forward(source), mode="r") as tar:  # type: ignore[arg-type]
             for member in tar:
                 rel = check_member(member, extracted=extracted, limit=limit)
                 if not rel:

@@ -10,6 +10,7 @@ import random
 import shutil
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -436,3 +437,48 @@ def test_manifest_hash_counts_bytes_after_the_end_block(small: Path, tmp_path: P
 def test_manifest_defaults() -> None:
     manifest = Manifest()
     assert (manifest.sha256, manifest.archive_bytes) == ("", 0)
+
+
+# -- tar formats through the forward-only reader (_archive._Forward) ---------------------
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_long_names_pax_records_and_odd_sizes_extract_in_every_format(
+    fmt: int, tmp_path: Path
+) -> None:
+    # Long names are extra header members (GNU ././@LongLink, pax records) that
+    # tarfile reads ahead of their member; sizes off the 512-byte grid leave
+    # padding to skip; an empty file has no data block at all.
+    deep = "/".join(["d" * 40] * 3) if fmt != tarfile.USTAR_FORMAT else "dir/sub"
+    files = {
+        "saved_model.pb": b"\x08\x01" * 7,
+        f"{deep}/weights.bin": bytes(range(256)) * 1001,
+        "variables/empty": b"",
+        "variables/variables.index": b"i" * 511,
+        "variables/variables.data-00000-of-00001": b"w" * 513,
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if fmt == tarfile.PAX_FORMAT:
+                info.pax_headers = {"comment": "x" * 300}
+            tar.addfile(info, io.BytesIO(data))
+    dests = _dest(tmp_path)
+    for data in (buf.getvalue(), gzip.compress(buf.getvalue())):
+        dest = next(dests)
+        manifest = _extract(data, dest, size=1 << 20)
+        assert {rel: (dest / rel).read_bytes() for rel in files} == files
+        assert manifest.files == {rel: len(b) for rel, b in files.items()}
+
+
+def test_a_tar_that_seeks_back_is_refused_not_reread(small: Path) -> None:
+    plain = tar_bytes(small, gz=False)
+    source = _archive._Inflater(iter([plain, b""]).__next__, zlib, None)
+    forward = _archive._Forward(source)
+    forward.seek(1024)
+    assert forward.tell() == 1024
+    with pytest.raises(ArchiveError, match="go back"):
+        forward.seek(512)
+    source.close()
