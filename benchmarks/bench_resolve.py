@@ -94,6 +94,33 @@ def asynchub_case(
     return h.once(lambda: anyio.run(fetch), setup=setup, check=lambda paths: _expect(paths, size))
 
 
+def cli_case(
+    work: Work, urls: list[str], jobs: int, size: int, processes: int | None = None
+) -> h.Measure:
+    """``asynchub prefetch -q -j JOBS [-p N] URL...``: a new process, start-up included."""
+    import sys
+
+    cache = work.root / f"cli-{jobs}-{processes}"
+    cmd = [sys.executable, "-m", "asynchub", "prefetch", "-q", "-j", str(jobs)]
+    if processes is not None:
+        cmd += ["--processes", str(processes)]
+    cmd += ["--cache-dir", str(cache), *urls]
+
+    def fetch() -> list[Path]:
+        done = run_checked(cmd)
+        return [Path(line.split("\t", 1)[0]) for line in done.stdout.splitlines()]
+
+    def check(paths: list[Path]) -> None:
+        if len(paths) != len(urls):
+            raise RuntimeError(f"the CLI printed {len(paths)} paths for {len(urls)} handles")
+        _expect(paths, size)
+
+    def setup() -> None:
+        shutil.rmtree(cache, ignore_errors=True)
+
+    return h.once(fetch, setup=setup, check=check)
+
+
 def tfhub_case(work: Work, urls: list[str], size: int) -> h.Measure:
     """tensorflow_hub's ``hub.resolve`` for each URL in turn, into a fresh ``TFHUB_CACHE_DIR``."""
     import tensorflow_hub as thub
@@ -142,7 +169,7 @@ def run_prefetch(work: Work) -> list[Section]:
     if work.quick:
         archive, n, levels, rounds = work.random_archive(4 * MB), 4, (1, 2, 4), 2
     else:
-        archive, n, levels, rounds = work.keras_archive("MobileNetV2-1.4"), 16, (1, 2, 4, 8), 3
+        archive, n, levels, rounds = work.keras_archive("MobileNetV2-1.4"), 16, (1, 2, 4, 8), 4
     nbytes = archive.stat().st_size
     size = tree_bytes(_extract_once(work, archive))
     www = _serve_copies(work, archive, n)
@@ -156,11 +183,24 @@ def run_prefetch(work: Work) -> list[Section]:
             cases[f"asynchub prefetch, concurrency {c}"] = asynchub_case(work, urls, c, size)
             baselines[f"{CURL}, xargs -P {c}"] = f"{CURL}, xargs -P {c}"
             baselines[f"asynchub prefetch, concurrency {c}"] = f"{CURL}, xargs -P {c}"
-        # One multi-process row (worker start-up included in its time).
+        # Worker processes (start-up included in their time), and the command line
+        # in both modes: its default (processes="auto") and two worker processes.
+        from asynchub._prefetch import plan_processes, usable_cores
+
         c = 4 if 4 in levels else levels[-1]
-        label = f"asynchub prefetch, concurrency {c}, 2 processes"
-        cases[label] = asynchub_case(work, urls, c, size, processes=2)
-        baselines[label] = f"{CURL}, xargs -P {c}"
+        auto = plan_processes(n, usable_cores())
+        rows = {
+            f"asynchub prefetch, concurrency {c}, 2 processes": asynchub_case(
+                work, urls, c, size, processes=2
+            ),
+            f"CLI asynchub prefetch -j {c} (auto: {auto or 'no'} worker processes)": cli_case(
+                work, urls, c, size
+            ),
+            f"CLI asynchub prefetch -j {c} -p 2": cli_case(work, urls, c, size, processes=2),
+        }
+        for label, case in rows.items():
+            cases[label] = case
+            baselines[label] = f"{CURL}, xargs -P {c}"
         cases["tensorflow_hub hub.resolve, sequential"] = tfhub_case(work, urls, size)
         baselines["tensorflow_hub hub.resolve, sequential"] = f"{CURL}, xargs -P 1"
         log(f"prefetch: {n} x {nbytes / MB:.1f} MB, {rounds} rounds of {len(cases)} cases")
@@ -179,7 +219,9 @@ def run_prefetch(work: Work) -> list[Section]:
             "MB/s of archive bytes; ratio = speed ÷ the baseline's in the same round, median "
             "[min, max], where the baseline is `curl -s URL | tar xz` run by `xargs -P` at the "
             "same parallelism (at -P 1 for tensorflow_hub). `vs tensorflow_hub` = speed ÷ "
-            "tensorflow_hub's sequential resolve in the same round."
+            "tensorflow_hub's sequential resolve in the same round. Library rows run in this "
+            "process (imports done); `CLI` rows are the `asynchub` command in a new process, "
+            "its start-up included, as are the worker processes' in `processes` rows."
         ),
         columns=["case", "median s", "MB/s", "ratio vs curl", "vs tensorflow_hub"],
     )
@@ -207,7 +249,7 @@ def run(work: Work) -> list[Section]:
     if work.quick:
         archive, title, rounds = work.random_archive(24 * MB, seed=1), "random float32 tree", 2
     else:
-        archive, title, rounds = work.keras_archive("ResNet101"), "Keras ResNet101", 3
+        archive, title, rounds = work.keras_archive("ResNet101"), "Keras ResNet101", 5
     nbytes = archive.stat().st_size
     size = tree_bytes(_extract_once(work, archive))
     www = _serve_copies(work, archive, 1)
