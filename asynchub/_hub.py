@@ -509,9 +509,8 @@ class AsyncHub:
     ) -> Path:
         store = self.store
         accept = accept or _accept(pin)
-        hit = store.lookup_inline(parsed.key, parsed.stamp, accept)
-        if hit is None:
-            hit = await to_thread.run_sync(store.lookup, parsed.key, parsed.stamp, accept)
+        # The inline look was _single_flight's; this is the full one, in a thread.
+        hit = await to_thread.run_sync(store.lookup, parsed.key, parsed.stamp, accept)
         if hit is not None:
             self._emit(ProgressKind.CACHED, parsed, path=hit)
             return hit

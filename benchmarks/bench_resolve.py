@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,6 @@ def cli_case(
     work: Work, urls: list[str], jobs: int, size: int, processes: int | None = None
 ) -> h.Measure:
     """``asynchub prefetch -q -j JOBS [-p N] URL...``: a new process, start-up included."""
-    import sys
-
     cache = work.root / f"cli-{jobs}-{processes}"
     cmd = [sys.executable, "-m", "asynchub", "prefetch", "-q", "-j", str(jobs)]
     if processes is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import queue
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from . import _savedmodels
+from ._procs import stop_cleanly
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -72,18 +72,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 url = line.split("Uvicorn running on ", 1)[1].split()[0]
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            status = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            reader.join(10)
-            if proc.stderr is not None:
-                proc.stderr.close()
-    assert status == 0, "".join(log)
+        stop_cleanly(proc, reader, log)
 
 
 def test_concurrent_requests_get_their_own_rows(base_url: str) -> None:

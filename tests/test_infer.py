@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 
 from . import _savedmodels
+from ._procs import stop_cleanly
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -291,18 +291,7 @@ def infer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 address = found.group(1)
         yield Server(address, log)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            status = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            reader.join(10)
-            if proc.stderr is not None:
-                proc.stderr.close()
-    assert status == 0, "".join(log)
+        stop_cleanly(proc, reader, log)
 
 
 @pytest.fixture(scope="module")
