@@ -22,11 +22,12 @@ from typing import IO, Any, TypeVar
 import click
 
 from . import _cachetools as tools
+from . import _config
 from ._config import default_cache_dir
 from ._display import ProgressDisplay, error_text, format_bytes
 from ._handles import HandleKind, key_of, parse
 from ._integrity import LockEntry, lock_text, read_lock
-from ._progress import ProgressEvent
+from ._progress import ProgressEvent, silent
 from .errors import HubError
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -120,12 +121,40 @@ def _showing(display: Any) -> Iterator[None]:
 def _progress_callback(quiet: bool) -> tuple[Callable[[ProgressEvent], None], Any]:
     """The hub's progress callback: rich on a terminal, plain lines elsewhere, none if quiet."""
     if quiet:
-        return (lambda event: None), None
+        return silent, None
     display = ProgressDisplay()
     return display, display
 
 
 # -- prefetch / resolve --------------------------------------------------------------
+
+
+def _fork_workers(config: _config.HubConfig, handles: int, processes: int | None) -> int:
+    """Fork the worker processes a prefetch will use, if any; how many were forked.
+
+    ``processes`` (-p) is honoured as given; by default the number comes from
+    :func:`~asynchub._prefetch.plan_forked`. None where fork is unsafe or
+    unavailable (another thread, not Linux) or the downloads stay in this
+    process anyway (offline, a lock file): prefetch then spawns what it needs.
+    """
+    from . import _worker, _workers
+    from ._prefetch import plan_forked, usable_cores
+    from ._sources import _net
+
+    if config.offline or config.lockfile is not None or not _worker.can_fork():
+        return 0
+    if processes is None:
+        count = plan_forked(handles, usable_cores(), config.max_concurrency)
+    else:
+        count = processes if processes >= 2 and handles >= 2 else 0
+    if not count:
+        return 0
+    _net.ssl_context()  # made once, here, rather than once in every child
+    try:
+        _workers.adopt(_worker.prefork(count))
+    except OSError:
+        return 0  # fork refused (a process limit): prefetch spawns what it can
+    return count
 
 
 def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str]:
@@ -199,22 +228,41 @@ def prefetch_command(
             wanted = sorted(read_lock(lockfile))
     if not wanted:
         raise click.UsageError("no handles given (pass HANDLE... or --from-file FILE)")
+    with _errors():
+        config = _config.HubConfig.from_env(
+            cache_dir=cache_dir,
+            offline=True if offline else None,
+            max_concurrency=jobs,
+            lockfile=lockfile,
+        )
+    # Worker processes are forked now, before any thread or event loop: they start
+    # in milliseconds where a new interpreter takes ~0.25 s (_workers). prefetch
+    # hands them work, or ends them when it keeps everything in this process.
+    workers = _fork_workers(config, len(set(wanted)), processes)
     callback, display = _progress_callback(quiet)
 
     async def run() -> Sequence[Path | HubError]:
         async with AsyncHub(
-            cache_dir=cache_dir,
-            offline=True if offline else None,
-            max_concurrency=jobs,
+            cache_dir=config.cache_dir,
+            offline=config.offline,
+            max_concurrency=config.max_concurrency,
             progress=callback,
-            lockfile=lockfile,
+            lockfile=config.lockfile,
         ) as hub:
             return await hub.prefetch(
-                wanted, return_exceptions=True, processes="auto" if processes is None else processes
+                wanted,
+                return_exceptions=True,
+                processes=workers or ("auto" if processes is None else processes),
             )
 
-    with _errors(), _showing(display):
-        results = _run(run)
+    try:
+        with _errors(), _showing(display):
+            results = _run(run)
+    finally:
+        if workers:
+            from . import _workers
+
+            _workers.release()
     failed = [(h, r) for h, r in zip(wanted, results, strict=True) if isinstance(r, HubError)]
     distinct = len(set(wanted))
     failed_distinct = len({h for h, _ in failed})

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ._config import HubConfig
     from ._store import Store
 
-__all__ = ["HubLike", "prefetch"]
+__all__ = ["HubLike", "plan_forked", "plan_processes", "prefetch", "usable_cores"]
 
 
 class HubLike(Protocol):
@@ -195,6 +195,20 @@ def plan_processes(downloads: int, cores: int, cap: int = _AUTO_MAX) -> int:
     number stands in for the work.
     """
     count = min(cap, cores // _CORES_PER_PROCESS, downloads // _DOWNLOADS_PER_PROCESS)
+    return count if count >= 2 else 0
+
+
+def plan_forked(downloads: int, cores: int, jobs: int, cap: int = _AUTO_MAX) -> int:
+    """How many worker processes the command line forks for ``downloads`` at ``-j jobs``.
+
+    A forked child inherits the parent's imports and starts in milliseconds,
+    so unlike a new interpreter it pays for itself on 2 cores: each process
+    has a GIL of its own, and two of them keep both cores busy where one
+    process keeps about 1.6 (benchmarks/README.md, "Prefetch"). One per core,
+    each with at least 2 downloads and one of the ``jobs`` slots, at most
+    ``cap``, and only when that makes at least two.
+    """
+    count = min(cap, cores, downloads // _DOWNLOADS_PER_PROCESS, jobs)
     return count if count >= 2 else 0
 
 

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProgressEvent", "ProgressKind"]
+__all__ = ["ProgressEvent", "ProgressKind", "silent"]
 
 
 class ProgressKind(enum.Enum):
@@ -28,3 +28,11 @@ class ProgressEvent:
     attempt: int = 0
     path: Path | None = None
     error: BaseException | None = None
+
+
+def silent(event: ProgressEvent) -> None:
+    """A progress callback that drops every event.
+
+    Unlike ``progress=None`` it keeps ``TFHUB_DOWNLOAD_PROGRESS`` from starting a
+    display, and worker processes are told to send no events at all.
+    """

@@ -1,17 +1,22 @@
 """A worker process of ``prefetch(..., processes=N)``: the child side.
 
-Started by :mod:`._workers` with the parent's ``sys.path``; reads the hub's
-config and then handles from stdin, one JSON value a line, and writes
-progress events and results to stdout (the protocol is described there).
+Started by :mod:`._workers` with the parent's ``sys.path`` (:func:`main`), or
+forked by the command line before it starts a thread (:func:`prefork`); reads
+the hub's config and then handles from stdin, one JSON value a line, and
+writes progress events and results to stdout (the protocol is described there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
+import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -20,13 +25,14 @@ from anyio import to_thread
 
 from ._config import Retries, Timeouts
 from ._hub import AsyncHub
-from ._progress import ProgressEvent
-from ._workers import error_to_json, event_to_json
+from ._progress import ProgressEvent, ProgressKind, silent
+from ._workers import Forked, error_to_json, event_to_json
 from .errors import HubError
 
-__all__ = ["main"]
+__all__ = ["main", "prefork"]
 
 _EXIT_SIGNALLED = 130
+_BYTES_EVERY = 0.05  # seconds between the byte-count events a child sends for one handle
 
 
 class _Writer:
@@ -47,17 +53,26 @@ class _Writer:
 
 
 async def _child_main(stdin: IO[bytes], write: _Writer) -> int:
-    config = json.loads(stdin.readline())
-    emit: Callable[[ProgressEvent], None] | None = None
+    first = stdin.readline()
+    if not first:
+        return 0  # a forked child no prefetch took: nothing to do
+    config = json.loads(first)
+    # Without progress wanted, a callback even so: the environment must not start a display.
+    emit: Callable[[ProgressEvent], None] = silent
     if config.pop("progress"):
+        sent: dict[str, float] = {}
 
-        def emit(event: ProgressEvent) -> None:
+        def send(event: ProgressEvent) -> None:
+            # Byte counts come with every network read: a few a second are enough
+            # for a display (the "extracting" event that follows has the final count).
+            if event.kind is ProgressKind.DOWNLOADING:
+                now = time.monotonic()
+                if now - sent.get(event.handle, -_BYTES_EVERY) < _BYTES_EVERY:
+                    return
+                sent[event.handle] = now
             write(event_to_json(event))
 
-    else:
-
-        def emit(event: ProgressEvent) -> None:
-            pass  # a callback even so: the environment must not start a display here
+        emit = send
 
     config["timeout"] = Timeouts(**config["timeout"])
     config["retries"] = Retries(**config["retries"])
@@ -97,18 +112,85 @@ async def _child_main(stdin: IO[bytes], write: _Writer) -> int:
     return _EXIT_SIGNALLED if signalled else 0
 
 
+def _serve(stdin: IO[bytes], out: IO[bytes]) -> int:
+    write = _Writer(out)
+    try:
+        code = anyio.run(_child_main, stdin, write)
+    except KeyboardInterrupt:
+        code = _EXIT_SIGNALLED
+    out.close()
+    return code
+
+
 def main() -> None:
     # Only protocol lines go to the real stdout; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    write = _Writer(out)
+    sys.exit(_serve(sys.stdin.buffer, out))
+
+
+def can_fork() -> bool:
+    """Whether :func:`prefork` may fork now: on Linux, and only while this is the one thread."""
+    return sys.platform.startswith("linux") and threading.active_count() == 1
+
+
+def prefork(count: int) -> list[Forked]:
+    """Fork ``count`` workers now, for a later ``prefetch(..., processes=N)`` (see ``_workers``).
+
+    Only while this process has one thread and no event loop (:func:`can_fork`):
+    the command line calls it first thing. Each child starts a new session (a
+    Ctrl-C in the terminal reaches the parent only, which signals its
+    children), and ends with ``os._exit``: the parent's atexit handlers and
+    buffers are the parent's.
+    """
+    if not can_fork():
+        raise RuntimeError("prefork() needs Linux and a process with no other thread")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    made: list[Forked] = []
     try:
-        code = anyio.run(_child_main, sys.stdin.buffer, write)
-    except KeyboardInterrupt:
-        code = _EXIT_SIGNALLED
-    out.close()
-    sys.exit(code)
+        for _ in range(count):
+            pairs = [socket.socketpair() for _ in range(3)]
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child; measured by tests/test_prefork.py
+                code = 1
+                try:
+                    for earlier in made:
+                        earlier.close()  # else a sibling's EOF would never come
+                    for ours, _theirs in pairs:
+                        ours.close()
+                    code = _forked_main(*(theirs for _ours, theirs in pairs))
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    with contextlib.suppress(Exception):
+                        sys.stderr.flush()
+                    os._exit(code)
+            for _ours, theirs in pairs:
+                theirs.close()
+            (stdin, _), (stdout, _), (stderr, _) = pairs
+            made.append(Forked(pid, stdin, stdout, stderr))
+    except BaseException:
+        for child in made:
+            child.close()
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGKILL)
+                os.waitpid(child.pid, 0)
+        raise
+    return made
+
+
+def _forked_main(
+    stdin: socket.socket, stdout: socket.socket, stderr: socket.socket
+) -> int:  # pragma: no cover - runs in a forked child
+    os.setsid()
+    err = stderr.detach()
+    os.dup2(err, 2)
+    os.dup2(err, 1)  # anything printed goes where the parent captures stderr
+    os.close(err)
+    with os.fdopen(stdin.detach(), "rb") as source:
+        return _serve(source, os.fdopen(stdout.detach(), "wb"))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,15 @@ value a line, UTF-8:
 * the child exits when stdin is at EOF and its handles are done; SIGINT cancels
   it (tmp dirs and locks are removed on the way out). Its stderr is captured,
   and its tail is quoted if it dies with handles unanswered.
+
+A child is started in one of two ways. By default it is a new interpreter
+(``_spawn``): about 0.25 s of start-up and imports each. The command line,
+which knows its work before it starts a thread or an event loop, instead forks
+its children first thing (``_worker.prefork``) and hands them over with
+:func:`adopt`: a fork inherits every import, so it starts in milliseconds, and
+forking before any thread exists is safe (forking a process with threads
+is not: a lock another thread held stays held in the child). Such a child
+speaks the same protocol, over socket pairs instead of pipes.
 """
 
 from __future__ import annotations
@@ -25,7 +34,9 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio import to_thread
-from anyio.abc import ByteReceiveStream, Process
+from anyio.abc import ByteReceiveStream, ByteSendStream, Process, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from . import errors
 from ._handles import parse
-from ._progress import ProgressEvent, ProgressKind
+from ._progress import ProgressEvent, ProgressKind, silent
 from .errors import DownloadError, HTTPStatusError, HubError
 
 if TYPE_CHECKING:
@@ -163,6 +174,156 @@ async def _spawn() -> Process:
     )
 
 
+# -- children forked before the event loop (the command line) -------------------------------
+
+
+@dataclass(eq=False)
+class Forked:
+    """A worker forked by ``_worker.prefork``: its pid and this process's ends of its pipes."""
+
+    pid: int
+    stdin: socket.socket
+    stdout: socket.socket
+    stderr: socket.socket
+    parent: int = field(default_factory=os.getpid)  # the process that forked it
+
+    def close(self) -> None:
+        for sock in (self.stdin, self.stdout, self.stderr):
+            sock.close()
+
+
+_forked: list[Forked] = []
+
+
+def adopt(children: list[Forked]) -> None:
+    """Offer forked children to the next ``prefetch(..., processes=N)`` of this process."""
+    _forked.extend(children)
+
+
+def release(timeout: float = 5.0) -> None:
+    """End the forked children no prefetch took: EOF on their stdin, then reap them.
+
+    A child that gets EOF before its config exits at once; one that has not
+    after ``timeout`` seconds is killed.
+    """
+    children = [c for c in _forked if c.parent == os.getpid()]
+    _forked.clear()
+    for child in children:
+        child.close()
+    deadline = time.monotonic() + timeout
+    for child in children:
+        while True:
+            try:
+                done, _ = os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
+                break
+            time.sleep(0.005)
+
+
+class _ForkedProcess(Process):
+    """anyio's Process interface over a forked child: socket streams, a pidfd to wait on."""
+
+    def __init__(
+        self,
+        child: Forked,
+        stdin: UNIXSocketStream,
+        stdout: UNIXSocketStream,
+        stderr: UNIXSocketStream,
+    ) -> None:
+        self._pid = child.pid
+        self._stdin = stdin
+        self._stdout = stdout
+        self._stderr = stderr
+        self._returncode: int | None = None
+        self._pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # Linux 5.3+
+            self._pidfd = os.pidfd_open(child.pid)
+
+    @classmethod
+    async def adopt(cls, child: Forked) -> _ForkedProcess:
+        streams = [
+            await UNIXSocketStream.from_socket(sock)
+            for sock in (child.stdin, child.stdout, child.stderr)
+        ]
+        return cls(child, *streams)
+
+    def _poll(self) -> int | None:
+        if self._returncode is None:
+            try:
+                pid, status = os.waitpid(self._pid, os.WNOHANG)
+            except ChildProcessError:  # pragma: no cover - reaped elsewhere
+                self._returncode = -1
+            else:
+                if pid:
+                    self._returncode = os.waitstatus_to_exitcode(status)
+            if self._returncode is not None and self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+        return self._returncode
+
+    async def wait(self) -> int:
+        while (code := self._poll()) is None:
+            if self._pidfd is not None:
+                await anyio.wait_readable(self._pidfd)  # readable once the child exits
+            else:  # pragma: no cover - no pidfd (old kernels)
+                await anyio.sleep(0.02)
+        return code
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        if self._poll() is not None:
+            raise ProcessLookupError(self._pid)
+        os.kill(self._pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def aclose(self) -> None:
+        for stream in (self._stdin, self._stdout, self._stderr):
+            await stream.aclose()
+        with anyio.CancelScope(shield=True):
+            await self.wait()
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._poll()
+
+    @property
+    def stdin(self) -> ByteSendStream:
+        return self._stdin
+
+    @property
+    def stdout(self) -> ByteReceiveStream:
+        return self._stdout
+
+    @property
+    def stderr(self) -> ByteReceiveStream:
+        return self._stderr
+
+
+async def _start() -> Process:
+    """A worker: one this process forked earlier if there is one left, else a new interpreter."""
+    while _forked:
+        child = _forked.pop(0)
+        if child.parent == os.getpid():
+            return await _ForkedProcess.adopt(child)
+    return await _spawn()
+
+
 @dataclass(eq=False)
 class _Child:
     process: Process
@@ -195,7 +356,8 @@ async def run(
     count = min(processes, len(handles))
     per_child = max(1, math.ceil(limit / count))
     callback = hub.progress
-    config = json.dumps(hub_config_json(hub, per_child, callback is not None)) + "\n"
+    # A silent callback (the command's --quiet) wants no events: none cross the pipe.
+    config = json.dumps(hub_config_json(hub, per_child, callback not in (None, silent))) + "\n"
     children: list[_Child] = []
     # A free slot of a child is its index in this stream; a result gives it back.
     free_send, free_receive = anyio.create_memory_object_stream[int](count * per_child)
@@ -311,7 +473,7 @@ async def run(
     try:
         with free_send, free_receive:
             for _ in range(count):
-                child = _Child(process=await _spawn(), slots=per_child)
+                child = _Child(process=await _start(), slots=per_child)
                 children.append(child)
                 assert child.process.stdin is not None
                 # A child that died at once is reported by its reader, with its stderr.

@@ -192,20 +192,22 @@ def run_prefetch(work: Work) -> list[Section]:
             cases[f"asynchub prefetch, concurrency {c}"] = asynchub_case(work, urls, c, size)
             baselines[f"{CURL}, xargs -P {c}"] = f"{CURL}, xargs -P {c}"
             baselines[f"asynchub prefetch, concurrency {c}"] = f"{CURL}, xargs -P {c}"
-        # Worker processes (start-up included in their time), and the command line
-        # in both modes: its default (processes="auto") and two worker processes.
-        from asynchub._prefetch import plan_processes, usable_cores
+        # Worker processes started by the library (new interpreters, their start-up
+        # included), and the command line in both modes: its default (worker processes
+        # forked before its event loop, as many as plan_forked says) and one process.
+        from asynchub._prefetch import plan_forked, usable_cores
 
         c = 4 if 4 in levels else levels[-1]
-        auto = plan_processes(n, usable_cores())
+        forked = plan_forked(n, usable_cores(), c)
+        default = f"{forked} forked worker processes" if forked else "one process"
         rows = {
-            f"asynchub prefetch, concurrency {c}, 2 processes": asynchub_case(
+            f"asynchub prefetch, concurrency {c}, 2 spawned processes": asynchub_case(
                 work, urls, c, size, processes=2
             ),
-            f"CLI asynchub prefetch -j {c} (auto: {auto or 'no'} worker processes)": cli_case(
-                work, urls, c, size
+            f"CLI asynchub prefetch -j {c} (default: {default})": cli_case(work, urls, c, size),
+            f"CLI asynchub prefetch -j {c} -p 1 (one process)": cli_case(
+                work, urls, c, size, processes=1
             ),
-            f"CLI asynchub prefetch -j {c} -p 2": cli_case(work, urls, c, size, processes=2),
         }
         for label, case in rows.items():
             cases[label] = case
@@ -230,7 +232,7 @@ def run_prefetch(work: Work) -> list[Section]:
             "same parallelism (at -P 1 for tensorflow_hub). `vs tensorflow_hub` = speed ÷ "
             "tensorflow_hub's sequential resolve in the same round. Library rows run in this "
             "process (imports done); `CLI` rows are the `asynchub` command in a new process, "
-            "its start-up included, as are the worker processes' in `processes` rows."
+            "its start-up included, as are the spawned worker processes' in the `processes` row."
         ),
         columns=["case", "median s", "MB/s", "ratio vs curl", "vs tensorflow_hub"],
     )
