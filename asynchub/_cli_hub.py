@@ -195,9 +195,9 @@ def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str
     default=None,
     help=(
         "Spread the downloads over up to N worker processes, for more cores than one "
-        "process can use (1 turns them off). Default: decided from the work, one "
-        "process per 2 cores and 2 downloads, at most 4, and none below 2 (so none on "
-        "a 2-core machine). Cached handles start none."
+        "process can use (1 turns them off). They are forked at start-up, so they cost "
+        "milliseconds. Default: one per core, with 2 downloads and a -j slot each, at "
+        "most 4, and none below 2. Cached handles go to none."
     ),
 )
 @_json_option
@@ -216,9 +216,9 @@ def prefetch_command(
 
     Prints each handle's path (or its error) in input order; exits 1 if any
     failed. Progress goes to stderr: live bars on a terminal, plain lines
-    elsewhere. On a machine with more cores than one process can use (it gets
-    about 1.4, held back by Python's GIL), downloads run in worker processes
-    (--processes); -j bounds the downloads at once across all of them.
+    elsewhere. One process uses about 1.6 cores (held back by Python's GIL), so
+    downloads run in worker processes forked at start-up (--processes); -j
+    bounds the downloads at once across all of them.
     """
     from ._hub import AsyncHub
 

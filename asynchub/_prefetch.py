@@ -186,7 +186,7 @@ def plan_processes(downloads: int, cores: int, cap: int = _AUTO_MAX) -> int:
     """How many worker processes ``processes="auto"`` starts for ``downloads`` on ``cores``.
 
     0 means none: every download stays in this process. One process already
-    uses up to about 1.4 cores (the event loop, and gunzip, hashing and writes
+    uses up to about 1.6 cores (the event loop, and gunzip, hashing and writes
     in threads that release the GIL), so on 2 cores a second process only adds
     its start-up and contention: measured slower (benchmarks/README.md,
     "Prefetch"). A worker process is started for every 2 cores and every 2

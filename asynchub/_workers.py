@@ -1,6 +1,6 @@
 """Multi-process prefetch: worker processes that resolve handles fed to them one at a time.
 
-The parent side. One process is GIL-bound at about 1.4 cores on loopback
+The parent side. One process is GIL-bound at about 1.6 cores on loopback
 (docs/design.md, "Concurrency and its limit"); ``prefetch(..., processes=N)``
 spreads the downloads over children running ``asynchub._worker`` (the only
 module of the pair that imports the hub), started with the parent's
