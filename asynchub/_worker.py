@@ -147,7 +147,8 @@ def prefork(count: int) -> list[Forked]:
     if not can_fork():
         raise RuntimeError("prefork() needs Linux and a process with no other thread")
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:
+            stream.flush()  # else the children would write the parent's buffered text too
     made: list[Forked] = []
     try:
         for _ in range(count):

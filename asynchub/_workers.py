@@ -243,6 +243,7 @@ class _ForkedProcess(Process):
         self._stdout = stdout
         self._stderr = stderr
         self._returncode: int | None = None
+        self._waiting = anyio.Lock()  # one task at a time waits on the pidfd
         self._pidfd: int | None = None
         with contextlib.suppress(AttributeError, OSError):  # Linux 5.3+
             self._pidfd = os.pidfd_open(child.pid)
@@ -264,18 +265,18 @@ class _ForkedProcess(Process):
             else:
                 if pid:
                     self._returncode = os.waitstatus_to_exitcode(status)
-            if self._returncode is not None and self._pidfd is not None:
-                os.close(self._pidfd)
-                self._pidfd = None
         return self._returncode
 
     async def wait(self) -> int:
-        while (code := self._poll()) is None:
-            if self._pidfd is not None:
-                await anyio.wait_readable(self._pidfd)  # readable once the child exits
-            else:  # pragma: no cover - no pidfd (old kernels)
-                await anyio.sleep(0.02)
-        return code
+        # The pidfd stays open (and readable once the child has exited) until
+        # aclose(): a reap through returncode cannot pull it from under a waiter.
+        async with self._waiting:
+            while (code := self._poll()) is None:
+                if self._pidfd is not None:
+                    await anyio.wait_readable(self._pidfd)
+                else:  # pragma: no cover - no pidfd (old kernels)
+                    await anyio.sleep(0.02)
+            return code
 
     def send_signal(self, sig: signal.Signals) -> None:
         if self._poll() is not None:
@@ -293,6 +294,9 @@ class _ForkedProcess(Process):
             await stream.aclose()
         with anyio.CancelScope(shield=True):
             await self.wait()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     @property
     def pid(self) -> int:

@@ -220,3 +220,46 @@ def test_prefork_refuses_with_another_thread() -> None:
     finally:
         stop.set()
         other.join()
+
+
+def test_forked_process_wait_from_two_tasks_and_a_poll() -> None:
+    """Two tasks may wait on one child while a third polls returncode: all see its exit."""
+    script = textwrap.dedent(
+        """
+        import anyio
+        from asynchub import _worker, _workers
+
+        (child,) = _worker.prefork(1)
+
+        async def main():
+            process = await _workers._ForkedProcess.adopt(child)
+            codes = []
+
+            async def wait():
+                codes.append(await process.wait())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                tg.start_soon(wait)
+                await anyio.sleep(0.1)
+                assert process.returncode is None
+                await process.stdin.aclose()  # EOF before any config: the child ends
+                with anyio.fail_after(10):
+                    while process.returncode is None:
+                        await anyio.sleep(0.01)
+            await process.aclose()
+            print(codes, process.returncode)
+
+        anyio.run(main)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 0] 0"
