@@ -235,11 +235,11 @@ def prefetch_command(
             max_concurrency=jobs,
             lockfile=lockfile,
         )
+    callback, display = _progress_callback(quiet)  # starts no thread before start()
     # Worker processes are forked now, before any thread or event loop: they start
     # in milliseconds where a new interpreter takes ~0.25 s (_workers). prefetch
     # hands them work, or ends them when it keeps everything in this process.
     workers = _fork_workers(config, len(set(wanted)), processes)
-    callback, display = _progress_callback(quiet)
 
     async def run() -> Sequence[Path | HubError]:
         async with AsyncHub(
