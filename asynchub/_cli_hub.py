@@ -133,7 +133,7 @@ def _fork_workers(config: _config.HubConfig, handles: int, processes: int | None
     """Fork the worker processes a prefetch will use, if any; how many were forked.
 
     ``processes`` (-p) is honoured as given; by default the number comes from
-    :func:`~asynchub._prefetch.plan_forked`. None where fork is unsafe or
+    :func:`~asynchub._prefetch.plan_forked`. 0 where fork is unsafe or
     unavailable (another thread, not Linux) or the downloads stay in this
     process anyway (offline, a lock file): prefetch then spawns what it needs.
     """

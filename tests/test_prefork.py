@@ -39,6 +39,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` with this checkout importable, its output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def _wait_for(condition: object, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
@@ -140,14 +152,7 @@ def test_cli_forks_nothing_it_does_not_need(
     urls = [server.add(f"/m/{i}", body=bodies[i]) for i in range(4)]
     args = ["prefetch", "-q", "-p", "2", "--cache-dir", str(cache_dir), *urls]
     for _ in range(2):  # the second run finds everything cached
-        done = subprocess.run(
-            [sys.executable, "-c", CLI, *args],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=50,
-            check=False,
-        )
+        done = _python("-c", CLI, *args)
         assert done.returncode == 0, done.stderr
     assert all(len(server.gets(f"/m/{i}")) == 1 for i in range(4))
 
@@ -182,14 +187,7 @@ def test_released_children_end_cleanly_and_siblings_do_not_hold_each_other() -> 
         print(codes)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _python("-c", script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0, 0, 0, 'reaped', 'reaped']"
 
@@ -253,13 +251,6 @@ def test_forked_process_wait_from_two_tasks_and_a_poll() -> None:
         anyio.run(main)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _python("-c", script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0, 0] 0"
