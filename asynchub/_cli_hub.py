@@ -21,13 +21,13 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from . import _cachetools as tools
 from . import _config
 from ._config import default_cache_dir
 from ._display import ProgressDisplay, error_text, format_bytes
 from ._handles import HandleKind, key_of, parse
 from ._integrity import LockEntry, lock_text, read_lock
 from ._progress import ProgressEvent, silent
+from ._store import admin as tools
 from .errors import HubError
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -133,25 +133,25 @@ def _fork_workers(config: _config.HubConfig, handles: int, processes: int | None
     """Fork the worker processes a prefetch will use, if any; how many were forked.
 
     ``processes`` (-p) is honoured as given; by default the number comes from
-    :func:`~asynchub._prefetch.plan_forked`. 0 where fork is unsafe or
+    :func:`~asynchub._workers.plan_forked`. 0 where fork is unsafe or
     unavailable (another thread, not Linux) or the downloads stay in this
-    process anyway (offline, a lock file): prefetch then spawns what it needs.
+    process anyway (offline): prefetch then spawns what it needs.
     """
-    from . import _worker, _workers
-    from ._prefetch import plan_forked, usable_cores
-    from ._sources import _net
+    from . import _workers
+    from ._hub import AsyncHub
+    from ._sources import net
 
-    if config.offline or config.lockfile is not None or not _worker.can_fork():
+    if config.offline or not _workers.can_fork():
         return 0
     if processes is None:
-        count = plan_forked(handles, usable_cores(), config.max_concurrency)
+        count = _workers.plan_forked(handles, _workers.usable_cores(), config.max_concurrency)
     else:
         count = processes if processes >= 2 and handles >= 2 else 0
     if not count:
         return 0
-    _net.ssl_context()  # made once, here, rather than once in every child
+    net.ssl_context()  # made once, here, rather than once in every child
     try:
-        _workers.adopt(_worker.prefork(count))
+        _workers.adopt(_workers.prefork(count, AsyncHub.from_config))
     except OSError:
         return 0  # fork refused (a process limit): prefetch spawns what it can
     return count
@@ -411,8 +411,8 @@ def mirror_push(
     HANDLEs are http(s) URLs (mirrors stand in for those); one not cached yet
     is fetched from its origin first.
     """
-    from . import _mirrors
     from ._hub import AsyncHub
+    from ._sources import mirrors as _mirrors
 
     with _errors():
         for handle in handles:

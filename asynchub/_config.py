@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
-__all__ = ["HubConfig", "Retries", "Timeouts"]
+from ._types import ProgressCallback
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["RUNTIME_OPTIONS", "HubConfig", "HubOptions", "HubOptionsBase", "Retries", "Timeouts"]
 
 ENV_CACHE_DIR = "TFHUB_CACHE_DIR"
 ENV_OFFLINE = "ASYNCHUB_OFFLINE"
@@ -22,6 +28,7 @@ ENV_FILE_DIGESTS = "ASYNCHUB_FILE_DIGESTS"
 MirrorMismatch = Literal["raise", "origin"]
 
 _TRUE = {"1", "true", "yes", "on"}
+_MAX_EXTRACT = 64 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -86,105 +93,230 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
 
 
+def _opt(
+    default: Any = MISSING,
+    *,
+    factory: Callable[[], Any] | None = None,
+    given: Callable[[Any], Any] | None = None,
+    decode: Callable[[Any], Any] | None = None,
+    option: str | None = "",
+) -> Any:
+    """A HubConfig field, with what its option does.
+
+    ``given(value)`` turns the keyword (None when not given) into the field's
+    value, reading the environment where the option has a variable; by default
+    None means the default. ``decode`` reads the field back from its JSON
+    (:meth:`HubConfig.to_json`). ``option`` is the keyword's name when it is not
+    the field's; None: the field has no keyword (set from the environment only).
+    """
+    metadata = {"given": given, "decode": decode, "option": option}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _positive(name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        return value or _default_concurrency()
+
+    return check
+
+
+def _mismatch(value: Any) -> MirrorMismatch:
+    if value not in (None, "raise", "origin"):
+        raise ValueError(f"on_mirror_mismatch must be 'raise' or 'origin', got {value!r}")
+    return cast(MirrorMismatch, value or "raise")
+
+
+def _mirrors(value: Sequence[str] | str | None) -> tuple[str, ...]:
+    if value is None:
+        value = os.environ.get(ENV_MIRRORS, "")
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(m.strip() for m in value if m.strip())
+
+
+def _lockfile(value: str | os.PathLike[str] | None) -> Path | None:
+    if value is None:
+        value = os.environ.get(ENV_LOCKFILE, "").strip() or None
+    elif not os.fspath(value):
+        value = None  # "" turns a lock file in the environment off
+    return None if value is None else Path(value).expanduser()
+
+
+def _flag(env: str) -> Callable[[bool | None], bool]:
+    return lambda value: env_flag(env) if value is None else bool(value)
+
+
+def _path(value: Any) -> Path | None:
+    return None if value is None else Path(value)
+
+
 @dataclass(frozen=True)
 class HubConfig:
-    """Everything a hub needs to know, fixed when the hub is made."""
+    """Everything a hub needs to know, fixed when the hub is made.
 
-    cache_dir: Path
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    retries: Retries = field(default_factory=Retries)
-    headers: Mapping[str, str] = field(default_factory=dict)
-    offline: bool = False
-    max_concurrency: int = 4
+    **The one list of the hub's options.** Each field says, once, how its
+    keyword becomes its value (the environment filling what is not given) and
+    how it travels as JSON to worker processes; :meth:`from_env`,
+    :meth:`to_json` and :meth:`from_json` work from that, and the typed
+    keywords (:class:`HubOptions`) are checked against it by a test.
+    """
+
+    #: Where modules are cached: ``TFHUB_CACHE_DIR``, else ``<system temp>/tfhub_modules``.
+    cache_dir: Path = _opt(
+        factory=Path,
+        given=lambda v: Path(v).expanduser() if v else default_cache_dir(),
+        decode=Path,
+    )
+    #: Network timeouts (keyword ``timeout``: seconds, or a Timeouts).
+    timeouts: Timeouts = _opt(
+        factory=lambda: Timeouts(),
+        given=lambda v: Timeouts.coerce(v),
+        decode=lambda v: Timeouts(**v),
+        option="timeout",
+    )
+    #: Retries after the first attempt (keyword ``retries``: a count, or a Retries).
+    retries: Retries = _opt(
+        factory=lambda: Retries(),
+        given=lambda v: Retries.coerce(v),
+        decode=lambda v: Retries(**v),
+    )
+    #: Headers sent to the handle's origin only (never across a redirect elsewhere).
+    headers: Mapping[str, str] = _opt(factory=dict, given=lambda v: dict(v or {}))
+    #: Never download: only the cache answers (``ASYNCHUB_OFFLINE``).
+    offline: bool = _opt(False, given=_flag(ENV_OFFLINE))
+    #: Downloads at once, per hub.
+    max_concurrency: int = _opt(4, given=_positive("max_concurrency"))
     #: Refuse archives that would extract to more than this many bytes.
-    max_extract_bytes: int = 64 * 1024**3
+    max_extract_bytes: int = _opt(_MAX_EXTRACT, given=lambda v: v or _MAX_EXTRACT)
     #: A lock whose download dir has not grown for this long is taken over.
-    lock_stale_after: float = 600.0
+    lock_stale_after: float = _opt(600.0)
     #: Give up waiting for another process's download after this long (None: wait
     #: as long as it makes progress).
-    lock_timeout: float | None = None
+    lock_timeout: float | None = _opt(None)
     #: Bytes per chunk handed from the network to the extraction thread.
-    chunk_size: int = 1024 * 1024
-    progress: bool = False
+    chunk_size: int = _opt(1024 * 1024, option=None)
+    #: Draw a progress display when no callback is given (``TFHUB_DOWNLOAD_PROGRESS``).
+    progress: bool = _opt(False, given=_flag(ENV_PROGRESS), option=None)
     #: The gzip implementation extraction uses ("isal", "zlib-ng", "zlib"); None picks
-    #: the fastest one installed.
-    gzip_backend: str | None = None
-    #: Where http(s) handles are looked for first, as ``<mirror>/<cache key>.tar.gz``.
-    mirrors: tuple[str, ...] = ()
-    #: A lock file: every archive must match its pins, and handles it lacks are refused.
-    lockfile: Path | None = None
+    #: the fastest one installed (``ASYNCHUB_GZIP``).
+    gzip_backend: str | None = _opt(
+        None, given=lambda v: v or os.environ.get(ENV_GZIP, "").strip().lower() or None
+    )
+    #: Where http(s) handles are looked for first, as ``<mirror>/<cache key>.tar.gz``
+    #: (``ASYNCHUB_MIRRORS``, comma-separated).
+    mirrors: tuple[str, ...] = _opt((), given=_mirrors, decode=tuple)
+    #: A lock file: every archive must match its pins, and handles it lacks are
+    #: refused (``ASYNCHUB_LOCKFILE``; ``""`` turns the variable's off).
+    lockfile: Path | None = _opt(None, given=_lockfile, decode=_path)
     #: What a mirror's copy that fails its pin leads to: an IntegrityError ("raise"),
     #: or a download from the origin ("origin").
-    on_mirror_mismatch: MirrorMismatch = "raise"
+    on_mirror_mismatch: MirrorMismatch = _opt("raise", given=_mismatch)
     #: Options for ``s3://`` and ``gs://`` stores (obstore's S3Config/GCSConfig and
     #: ClientConfig keys), over the environment.
-    s3_options: Mapping[str, Any] = field(default_factory=dict)
-    gcs_options: Mapping[str, Any] = field(default_factory=dict)
-    #: Record every extracted file's sha256 (``asynchub cache verify --digests``).
-    file_digests: bool = False
+    s3_options: Mapping[str, Any] = _opt(factory=dict, given=lambda v: dict(v or {}))
+    gcs_options: Mapping[str, Any] = _opt(factory=dict, given=lambda v: dict(v or {}))
+    #: Record every extracted file's sha256 (``ASYNCHUB_FILE_DIGESTS``).
+    file_digests: bool = _opt(False, given=_flag(ENV_FILE_DIGESTS))
 
     @classmethod
-    def from_env(
-        cls,
-        *,
-        cache_dir: str | os.PathLike[str] | None = None,
-        timeout: Timeouts | float | None = None,
-        retries: Retries | int | None = None,
-        headers: Mapping[str, str] | None = None,
-        offline: bool | None = None,
-        max_concurrency: int | None = None,
-        max_extract_bytes: int | None = None,
-        lock_stale_after: float | None = None,
-        lock_timeout: float | None = None,
-        progress: bool | None = None,
-        gzip_backend: str | None = None,
-        mirrors: Sequence[str] | str | None = None,
-        lockfile: str | os.PathLike[str] | None = None,
-        on_mirror_mismatch: MirrorMismatch | None = None,
-        s3_options: Mapping[str, Any] | None = None,
-        gcs_options: Mapping[str, Any] | None = None,
-        file_digests: bool | None = None,
-    ) -> HubConfig:
-        """Build a config from keyword arguments, the environment filling what is not given."""
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        if on_mirror_mismatch not in (None, "raise", "origin"):
-            raise ValueError(
-                f"on_mirror_mismatch must be 'raise' or 'origin', got {on_mirror_mismatch!r}"
-            )
-        if mirrors is None:
-            mirrors = os.environ.get(ENV_MIRRORS, "")
-        if isinstance(mirrors, str):
-            mirrors = mirrors.split(",")
-        if lockfile is None:
-            lockfile = os.environ.get(ENV_LOCKFILE, "").strip() or None
-        elif not os.fspath(lockfile):
-            lockfile = None  # "" turns a lock file in the environment off
-        defaults = cls(cache_dir=Path())
-        return cls(
-            cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
-            timeouts=Timeouts.coerce(timeout),
-            retries=Retries.coerce(retries),
-            headers=dict(headers or {}),
-            offline=env_flag(ENV_OFFLINE) if offline is None else offline,
-            max_concurrency=max_concurrency or _default_concurrency(),
-            max_extract_bytes=max_extract_bytes or defaults.max_extract_bytes,
-            lock_stale_after=(
-                defaults.lock_stale_after if lock_stale_after is None else lock_stale_after
-            ),
-            lock_timeout=lock_timeout,
-            progress=env_flag(ENV_PROGRESS) if progress is None else progress,
-            gzip_backend=gzip_backend or os.environ.get(ENV_GZIP, "").strip().lower() or None,
-            mirrors=tuple(m.strip() for m in mirrors if m.strip()),
-            lockfile=None if lockfile is None else Path(lockfile).expanduser(),
-            on_mirror_mismatch=on_mirror_mismatch or "raise",
-            s3_options=dict(s3_options or {}),
-            gcs_options=dict(gcs_options or {}),
-            file_digests=env_flag(ENV_FILE_DIGESTS) if file_digests is None else file_digests,
-        )
+    def options(cls) -> dict[str, Field[Any]]:
+        """The hub's keyword options that are config, by keyword: the fields that have one."""
+        found = {}
+        for f in fields(cls):
+            name = f.metadata.get("option", "")
+            if name is not None:
+                found[name or f.name] = f
+        return found
+
+    @classmethod
+    def from_env(cls, **options: Any) -> HubConfig:
+        """Build a config from keyword options, the environment filling what is not given."""
+        known = cls.options()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"unknown hub option(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata.get("option", "")
+            value = None if name is None else options.get(name or f.name)
+            given = f.metadata.get("given")
+            if given is not None:
+                values[f.name] = given(value)
+            elif value is not None:
+                values[f.name] = value
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as JSON values; :meth:`from_json` reads it back equal."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HubConfig:
+        values = {}
+        for f in fields(cls):
+            if f.name in data:
+                decode = f.metadata.get("decode")
+                value = data[f.name]
+                values[f.name] = value if decode is None or value is None else decode(value)
+        return cls(**values)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return os.fspath(value)
+    if isinstance(value, (Timeouts, Retries)):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def _default_concurrency() -> int:
     # Downloads are network- and gunzip-bound; a few more than the cores keeps
     # both busy without flooding a server.
     return max(4, min(16, 2 * (os.cpu_count() or 2)))
+
+
+class HubOptionsBase(TypedDict, total=False):
+    """The hub's options but max_concurrency, which aprefetch's own (a bound per call) shadows."""
+
+    cache_dir: str | os.PathLike[str] | None
+    timeout: Timeouts | float | None
+    retries: Retries | int | None
+    headers: Mapping[str, str] | None
+    offline: bool | None
+    max_extract_bytes: int | None
+    lock_stale_after: float | None
+    lock_timeout: float | None
+    gzip_backend: str | None
+    mirrors: Sequence[str] | str | None
+    lockfile: str | os.PathLike[str] | None
+    on_mirror_mismatch: MirrorMismatch | None
+    s3_options: Mapping[str, Any] | None
+    gcs_options: Mapping[str, Any] | None
+    file_digests: bool | None
+    # Objects of the caller's, not config (RUNTIME_OPTIONS): they stay in this process.
+    progress: ProgressCallback | None
+    transport: httpx.AsyncBaseTransport | None
+    keep_alive: bool
+
+
+class HubOptions(HubOptionsBase, total=False):
+    """The keyword options of :class:`AsyncHub`, typed; :class:`Hub` and the helpers pass them on.
+
+    The config's are :meth:`HubConfig.options` (a test keeps the two in step);
+    the others are :data:`RUNTIME_OPTIONS`.
+    """
+
+    max_concurrency: int | None
+
+
+#: The hub's options that are objects of the caller's rather than config values:
+#: a progress callback, an httpx transport, and whether idle connections are kept.
+RUNTIME_OPTIONS = frozenset(HubOptions.__annotations__) - frozenset(HubConfig.options())

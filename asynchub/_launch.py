@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["UNUSED", "main", "refuse_unused"]
+__all__ = ["UNUSED", "main", "refuse_unused", "worker"]
 
 UNUSED = ("httpx._main", "trio")
 
@@ -28,3 +28,16 @@ def main() -> None:
     from .cli import main as cli
 
     cli(prog_name="asynchub")
+
+
+def worker() -> None:
+    """A spawned worker process of ``prefetch(..., processes=N)`` (see ``_workers``).
+
+    Here, above the hub, the worker package is handed the hub class: it sits
+    below the hub and never imports it.
+    """
+    refuse_unused()
+    from ._hub import AsyncHub
+    from ._workers import child
+
+    child.main(AsyncHub.from_config)

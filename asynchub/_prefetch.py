@@ -6,38 +6,18 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, cast, overload
+from typing import Literal, cast, overload
 
 import anyio
 
-from ._types import Handle, Processes, ProgressCallback
-from .errors import HubError, PrefetchError
+from ._types import Handle, Processes
+from ._workers import HubLike, plan_processes, usable_cores
+from .errors import HubError, PrefetchError, leaves
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-if TYPE_CHECKING:
-    from ._config import HubConfig
-    from ._store import Store
-
-__all__ = ["HubLike", "plan_forked", "plan_processes", "prefetch", "usable_cores"]
-
-
-class HubLike(Protocol):
-    """What prefetch and the worker processes need of a hub (an open AsyncHub)."""
-
-    @property
-    def config(self) -> HubConfig: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def limiter(self) -> anyio.CapacityLimiter: ...
-    @property
-    def progress(self) -> ProgressCallback | None: ...
-    @property
-    def custom_transport(self) -> bool: ...
-    async def resolve(self, handle: Handle) -> Path: ...
-    async def lookup(self, handle: Handle) -> Path | None: ...
+__all__ = ["check_processes", "prefetch"]
 
 
 _SHOWN = 5  # failed handles named in a PrefetchError's message; .exceptions holds them all
@@ -124,7 +104,7 @@ async def prefetch(
         workers = plan_processes(len(distinct), usable_cores())
     elif isinstance(processes, int):
         workers = processes
-    if workers >= 2 and not hub.custom_transport:
+    if workers >= 2 and not hub.in_process_only:
         remote = await _to_download(hub, distinct)
         if auto:
             workers = plan_processes(len(remote), usable_cores())
@@ -138,13 +118,13 @@ async def prefetch(
             for key, handle in in_process.items():
                 tg.start_soon(one, key, handle, name=f"prefetch {key}")
             if remote:
-                from . import _workers
+                from ._workers import run as run_workers
 
                 limit = min(
                     max_concurrency or hub.config.max_concurrency, int(hub.limiter.total_tokens)
                 )
                 tg.start_soon(
-                    _workers.run,
+                    run_workers,
                     hub,
                     remote,
                     workers,
@@ -154,7 +134,12 @@ async def prefetch(
                     name="prefetch workers",
                 )
     except BaseExceptionGroup as group:
-        _reraise(group)
+        # A lone bug as itself rather than wrapped (the others were only cancelled);
+        # several stay grouped.
+        real = leaves(group, cancelled=False)
+        if len(real) == 1:
+            raise real[0]  # noqa: B904 - the error keeps its own cause
+        raise
 
     ordered = [results[key] for key in keys]
     # In input order, not completion order, so the report is the same every run.
@@ -173,51 +158,6 @@ def check_processes(processes: Processes) -> None:
         raise TypeError(f"processes must be an int, 'auto' or None, got {processes!r}")
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-
-
-#: What one worker process must have to pay for its start-up (~0.25 s: an
-#: interpreter, httpx and anyio) and for a second event loop.
-_CORES_PER_PROCESS = 2
-_DOWNLOADS_PER_PROCESS = 2
-_AUTO_MAX = 4
-
-
-def plan_processes(downloads: int, cores: int, cap: int = _AUTO_MAX) -> int:
-    """How many worker processes ``processes="auto"`` starts for ``downloads`` on ``cores``.
-
-    0 means none: every download stays in this process. One process already
-    uses up to about 1.6 cores (the event loop, and gunzip, hashing and writes
-    in threads that release the GIL), so on 2 cores a second process only adds
-    its start-up and contention: measured slower (benchmarks/README.md,
-    "Prefetch"). A worker process is started for every 2 cores and every 2
-    downloads, at most ``cap``, and only when that makes at least two: the
-    archives' sizes are not known before their responses arrive, so their
-    number stands in for the work.
-    """
-    count = min(cap, cores // _CORES_PER_PROCESS, downloads // _DOWNLOADS_PER_PROCESS)
-    return count if count >= 2 else 0
-
-
-def plan_forked(downloads: int, cores: int, jobs: int, cap: int = _AUTO_MAX) -> int:
-    """How many worker processes the command line forks for ``downloads`` at ``-j jobs``.
-
-    A forked child inherits the parent's imports and starts in milliseconds,
-    so unlike a new interpreter it pays for itself on 2 cores: each process
-    has a GIL of its own, and two of them keep both cores busy where one
-    process keeps about 1.6 (benchmarks/README.md, "Prefetch"). One per core,
-    each with at least 2 downloads and one of the ``jobs`` slots, at most
-    ``cap``, and only when that makes at least two.
-    """
-    count = min(cap, cores, downloads // _DOWNLOADS_PER_PROCESS, jobs)
-    return count if count >= 2 else 0
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _dedupe_key(handle: object, index: int) -> str:
@@ -256,26 +196,3 @@ def _message(failed: list[tuple[str, HubError]], total: int) -> str:
     shown = ", ".join(f"{key} ({type(error).__name__})" for key, error in failed[:_SHOWN])
     more = f", and {len(failed) - _SHOWN} more" if len(failed) > _SHOWN else ""
     return f"{len(failed)} of {total} handles failed: {shown}{more}"
-
-
-def _reraise(group: BaseExceptionGroup[BaseException]) -> None:
-    """Raise a lone bug as itself rather than wrapped; several stay grouped.
-
-    The task group cancels the other tasks when one raises, so the group holds
-    the real error plus cancellations, which are dropped here.
-    """
-    cancelled = anyio.get_cancelled_exc_class()
-    real, _rest = group.split(lambda exc: not isinstance(exc, cancelled))
-    if real is None:
-        raise group
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [real]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    if len(leaves) == 1:
-        raise leaves[0]
-    raise real

@@ -28,21 +28,19 @@ from collections.abc import (
     Hashable,
     Iterable,
     Mapping,
-    Sequence,
 )
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
-import httpx
 from anyio.from_thread import BlockingPortal
 from anyio.lowlevel import RunVar
 
-from ._config import ENV_PROGRESS, HubConfig, MirrorMismatch, Retries, Timeouts, env_flag
+from ._config import ENV_PROGRESS, HubConfig, HubOptions, HubOptionsBase, env_flag
 from ._hub import AsyncHub
-from ._types import Handle, Processes, ProgressCallback
+from ._types import Handle, Processes
 from .errors import HubClosedError, HubError
 
 if sys.version_info >= (3, 11):
@@ -61,37 +59,6 @@ T = TypeVar("T")
 _CLEANUP_WAIT = 60.0
 #: The longest a blocked sync call takes to notice Ctrl-C.
 _INTERRUPT_POLL = 0.2
-
-
-class _HubOptionsBase(TypedDict, total=False):
-    # All but max_concurrency, which aprefetch's own option (a bound per call) shadows.
-    cache_dir: str | os.PathLike[str] | None
-    timeout: Timeouts | float | None
-    retries: Retries | int | None
-    headers: Mapping[str, str] | None
-    offline: bool | None
-    max_extract_bytes: int | None
-    lock_stale_after: float | None
-    lock_timeout: float | None
-    progress: ProgressCallback | None
-    transport: httpx.AsyncBaseTransport | None
-    gzip_backend: str | None
-    keep_alive: bool
-    mirrors: Sequence[str] | str | None
-    lockfile: str | os.PathLike[str] | None
-    on_mirror_mismatch: MirrorMismatch | None
-    s3_options: Mapping[str, Any] | None
-    gcs_options: Mapping[str, Any] | None
-    file_digests: bool | None
-
-
-class HubOptions(_HubOptionsBase, total=False):
-    """The keyword options of :class:`AsyncHub`, which :class:`Hub` and the async helpers pass on.
-
-    A new AsyncHub option is one line here (a test compares the two).
-    """
-
-    max_concurrency: int | None
 
 
 class Hub:
@@ -231,9 +198,9 @@ class Hub:
         if self._closed:
             raise HubClosedError("this Hub is closed; make a new one")
         hub = self._hub
-        if hub._progress is not None or hub.config.progress:
+        if hub.progress is not None or hub.config.progress:
             return None
-        return hub._lookup_blocking(handle)
+        return hub.lookup_blocking(handle)
 
     def load(
         self,
@@ -442,7 +409,7 @@ class _LoopHubs:
 _loop_hubs: RunVar[_LoopHubs] = RunVar("asynchub_loop_hubs")
 
 
-def _loop_key(options: _HubOptionsBase) -> Hashable | None:
+def _loop_key(options: HubOptionsBase) -> Hashable | None:
     """What tells the loop's hubs apart: the environment they read, and the options given.
 
     None when the call needs a hub of its own: a progress callback or transport
@@ -466,7 +433,7 @@ def _loop_key(options: _HubOptionsBase) -> Hashable | None:
     return key
 
 
-async def _loop_hub(options: _HubOptionsBase) -> AsyncHub | None:
+async def _loop_hub(options: HubOptionsBase) -> AsyncHub | None:
     """The running loop's open hub for ``options``, made on first use; None: make your own.
 
     Nobody closes it when the loop ends, so it keeps no idle connections: each
@@ -497,7 +464,7 @@ async def _loop_hub(options: _HubOptionsBase) -> AsyncHub | None:
 
 
 @contextlib.asynccontextmanager
-async def _hub_for(options: _HubOptionsBase) -> AsyncIterator[AsyncHub]:
+async def _hub_for(options: HubOptionsBase) -> AsyncIterator[AsyncHub]:
     hub = await _loop_hub(options)
     if hub is not None:
         yield hub
@@ -543,7 +510,7 @@ async def aprefetch(
     max_concurrency: int | None = ...,
     return_exceptions: Literal[False] = ...,
     processes: Processes = ...,
-    **hub_options: Unpack[_HubOptionsBase],
+    **hub_options: Unpack[HubOptionsBase],
 ) -> list[Path]: ...
 
 
@@ -554,7 +521,7 @@ async def aprefetch(
     max_concurrency: int | None = ...,
     return_exceptions: bool,
     processes: Processes = ...,
-    **hub_options: Unpack[_HubOptionsBase],
+    **hub_options: Unpack[HubOptionsBase],
 ) -> list[Path | HubError]: ...
 
 
@@ -564,7 +531,7 @@ async def aprefetch(
     max_concurrency: int | None = None,
     return_exceptions: bool = False,
     processes: Processes = None,
-    **hub_options: Unpack[_HubOptionsBase],
+    **hub_options: Unpack[HubOptionsBase],
 ) -> list[Path] | list[Path | HubError]:
     """Async :func:`prefetch` on the running loop.
 

@@ -26,15 +26,21 @@
 
 Errors from httpx, tarfile and TensorFlow are wrapped at the boundary with
 ``raise ... from exc``; the original stays available as ``__cause__``.
+
+Two more live here and never reach a user: ``Retry`` (a source's word that a
+fresh attempt may fix what failed; it carries the HubError raised if none is
+left) and ``ProtocolError`` (a request ``serve --infer`` answers with a status).
+A task group's errors are unwrapped in one way, :func:`leaves` (and :func:`raise_first`).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
-    from exceptiongroup import ExceptionGroup
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 __all__ = [
     "ArchiveError",
@@ -171,3 +177,53 @@ class PrefetchError(HubError, ExceptionGroup[Exception]):
 
 class HubClosedError(RuntimeError):
     """The hub was used after it was closed (misuse, not a HubError)."""
+
+
+# -- never raised to a user ------------------------------------------------------------------
+
+
+class Retry(Exception):
+    """An attempt failed in a way a fresh attempt may fix; ``error`` is raised if none is left."""
+
+    def __init__(self, error: HubError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+class ProtocolError(Exception):
+    """A request the inference protocol answers with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+def leaves(exc: BaseException, *, cancelled: bool = True) -> list[BaseException]:
+    """Every exception in a (nested) exception group, in order; a lone one is its own leaf.
+
+    ``cancelled=False`` leaves out the event loop's cancellations (call it on
+    the loop then): when one task of a group fails, the group cancels the
+    others, so their cancellations say nothing about what went wrong.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        found = [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    else:
+        found = [exc]
+    if not cancelled:
+        import anyio
+
+        kind = anyio.get_cancelled_exc_class()
+        found = [leaf for leaf in found if not isinstance(leaf, kind)]
+    return found
+
+
+def raise_first(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise, unwrapped, the first error of a task group that is not a cancellation.
+
+    A failure on one side cancels the other, so the group holds the real error
+    and perhaps cancellations; a cancellation is raised only if that is all it holds.
+    """
+    raise (leaves(group, cancelled=False) or leaves(group))[0]

@@ -20,18 +20,17 @@ is docs/scale-out.md.
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from ._config import HubConfig
+from ._config import HubConfig, HubOptions
 from ._hub import AsyncHub
 from ._module import Module, default_signature
 from ._prefetch import check_processes
-from ._sync import Hub, HubOptions, aload
+from ._sync import Hub, aload
 from ._tf import import_tensorflow
 from ._types import Handle, Processes
 from ._workers import error_from_json, error_to_json
@@ -53,7 +52,7 @@ _SHOWN = 5  # failures named in a PrefetchError's message; .exceptions holds the
 #: "..", nothing a URL or a path would read as structure.
 _MODEL_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 #: The options of AsyncHub that HubConfig validates (the rest are objects, not values).
-_CONFIG_OPTIONS = frozenset(inspect.signature(HubConfig.from_env).parameters) - {"progress"}
+_CONFIG_OPTIONS = frozenset(HubConfig.options())
 
 
 def _ray() -> ModuleType:
@@ -171,7 +170,9 @@ def prefetch_on_nodes(
 
 def _check_hub_options(options: Mapping[str, Any]) -> None:
     """Misspelt names and bad values fail here, once, not on every node."""
-    inspect.signature(AsyncHub).bind(**options)
+    unknown = sorted(set(options) - set(HubOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unknown hub option(s): {', '.join(unknown)}")
     HubConfig.from_env(**{k: v for k, v in options.items() if k in _CONFIG_OPTIONS})
 
 

@@ -195,7 +195,7 @@ def run_prefetch(work: Work) -> list[Section]:
         # Worker processes started by the library (new interpreters, their start-up
         # included), and the command line in both modes: its default (worker processes
         # forked before its event loop, as many as plan_forked says) and one process.
-        from asynchub._prefetch import plan_forked, usable_cores
+        from asynchub._workers import plan_forked, usable_cores
 
         c = 4 if 4 in levels else levels[-1]
         forked = plan_forked(n, usable_cores(), c)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from asynchub import AsyncHub, CacheError
-from asynchub._cachetools import list_entries, prune, remove, verify
-from asynchub._store import _layout as cache
+from asynchub._store import layout as cache
+from asynchub._store.admin import list_entries, prune, remove, verify
 from tests._archives import make_module, tar_bytes
 
 HOST = socket.gethostname()

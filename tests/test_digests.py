@@ -21,11 +21,11 @@ from click.testing import CliRunner
 
 import asynchub
 from asynchub import AsyncHub, HandleError, Hub, IntegrityError, ProgressKind
-from asynchub._cachetools import verify
 from asynchub._cli_hub import _main
 from asynchub._handles import cache_key, parse
 from asynchub._integrity import Pin, parse_digest, read_lock, split_fragment, tree_digest
 from asynchub._sources.http import server_md5
+from asynchub._store.admin import verify
 from asynchub.cli import main as cli_main
 from tests._archives import make_module, tar_bytes, tree
 from tests._httpserver import Server

@@ -52,8 +52,13 @@ def test_the_cli_downloads_without_httpx_cli_or_trio(
 
 def test_a_worker_process_starts_without_the_package_s_other_parts() -> None:
     # The child's boot line, up to its entry point's import (main() would read stdin).
-    boot = _workers._BOOT.replace(
-        "; main()", "; print('\\n'.join(n for n, m in sys.modules.items() if m is not None))"
+    # worker() imports what the child runs, then calls child.main, which prints them instead.
+    listing = (
+        "lambda make_hub: print('\\n'.join(n for n, m in sys.modules.items() if m is not None))"
+    )
+    boot = _workers.parent._BOOT.replace(
+        "; worker()",
+        f"; from asynchub._workers import child; child.main = {listing}; worker()",
     )
     done = subprocess.run(
         [sys.executable, "-c", boot, json.dumps(sys.path)],
@@ -64,7 +69,7 @@ def test_a_worker_process_starts_without_the_package_s_other_parts() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     imported = set(done.stdout.split())
-    assert "asynchub._worker" in imported and "asynchub._hub" in imported
+    assert "asynchub._workers.child" in imported and "asynchub._hub" in imported
     unused = {"trio", "httpx._main", "click", "rich", "asynchub._sync", "asynchub._module"}
     assert not imported & unused, imported & unused
 

@@ -1,4 +1,4 @@
-"""The hub's own transport (asynchub/_sources/_net.py): large socket reads, shared TLS context.
+"""The hub's own transport (asynchub/_sources/net.py): large socket reads, shared TLS context.
 
 Real sockets on 127.0.0.1 throughout: a plain TCP server for the read size, the
 tests' HTTP server for whole downloads, and a TLS server with a throwaway CA
@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 import asynchub
-from asynchub._sources import _net
+from asynchub._sources import net as _net
 from tests._archives import make_module, tar_bytes, tree
 from tests._httpserver import Server
 

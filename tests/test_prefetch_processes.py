@@ -49,14 +49,14 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 def spawned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The pids of the worker processes started during the test."""
     pids: list[int] = []
-    spawn = _workers._spawn
+    spawn = _workers.parent._spawn
 
     async def counting() -> anyio.abc.Process:
         process = await spawn()
         pids.append(process.pid)
         return process
 
-    monkeypatch.setattr(_workers, "_spawn", counting)
+    monkeypatch.setattr(_workers.parent, "_spawn", counting)
     return pids
 
 
@@ -319,13 +319,13 @@ def test_cli_ctrl_c_stops_the_workers_and_leaves_a_clean_cache(
     ],
 )
 def test_plan_processes(downloads: int, cores: int, expected: int) -> None:
-    from asynchub._prefetch import plan_processes
+    from asynchub._workers import plan_processes
 
     assert plan_processes(downloads, cores) == expected
 
 
 def test_usable_cores_follow_the_affinity() -> None:
-    from asynchub._prefetch import usable_cores
+    from asynchub._workers import usable_cores
 
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this OS")

@@ -1,4 +1,4 @@
-"""Worker processes the command line forks before its event loop (``_worker.prefork``)."""
+"""Worker processes the command line forks before its event loop (``_workers.prefork``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from asynchub import _cli_hub, _config, _workers
-from asynchub._prefetch import plan_forked
+from asynchub._workers import plan_forked
 from tests._archives import make_module, tar_bytes
 from tests._httpserver import Server
 from tests.test_prefetch import key, leftovers
@@ -162,8 +162,9 @@ def test_released_children_end_cleanly_and_siblings_do_not_hold_each_other() -> 
     script = textwrap.dedent(
         """
         import os, sys, time
-        from asynchub import _worker, _workers
-        children = _worker.prefork(3)
+        from asynchub import _workers
+        from asynchub._hub import AsyncHub
+        children = _workers.prefork(3, AsyncHub.from_config)
         # Close them in reverse: the first child must see EOF though later forks exist.
         codes = []
         for child in reversed(children):
@@ -176,7 +177,7 @@ def test_released_children_end_cleanly_and_siblings_do_not_hold_each_other() -> 
                     break
                 assert time.monotonic() < deadline, "a child did not end on EOF"
                 time.sleep(0.01)
-        more = _worker.prefork(2)
+        more = _workers.prefork(2, AsyncHub.from_config)
         _workers.adopt(more)
         _workers.release()
         for child in more:
@@ -200,21 +201,22 @@ def test_no_fork_with_another_thread_running(cache_dir: Path) -> None:
     try:
         config = _config.HubConfig.from_env(cache_dir=cache_dir)
         assert _cli_hub._fork_workers(config, 16, 2) == 0
-        assert _workers._forked == []
+        assert _workers.parent._forked == []
     finally:
         stop.set()
         other.join()
 
 
 def test_prefork_refuses_with_another_thread() -> None:
-    from asynchub import _worker
+    from asynchub import _workers
+    from asynchub._hub import AsyncHub
 
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
         with pytest.raises(RuntimeError, match="no other thread"):
-            _worker.prefork(1)
+            _workers.prefork(1, AsyncHub.from_config)
     finally:
         stop.set()
         other.join()
@@ -225,12 +227,13 @@ def test_forked_process_wait_from_two_tasks_and_a_poll() -> None:
     script = textwrap.dedent(
         """
         import anyio
-        from asynchub import _worker, _workers
+        from asynchub import _workers
+        from asynchub._hub import AsyncHub
 
-        (child,) = _worker.prefork(1)
+        (child,) = _workers.prefork(1, AsyncHub.from_config)
 
         async def main():
-            process = await _workers._ForkedProcess.adopt(child)
+            process = await _workers.parent._ForkedProcess.adopt(child)
             codes = []
 
             async def wait():

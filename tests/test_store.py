@@ -41,8 +41,7 @@ from asynchub import (
 )
 from asynchub._handles import HandleKind, parse
 from asynchub._sources.http import Validators, resume_ok
-from asynchub._store import Entry, LockView, Store, Verdict, cache_error, verdict
-from asynchub._store import _layout as layout
+from asynchub._store import Entry, LockView, Store, Verdict, cache_error, layout, verdict
 from tests._archives import make_module, tar_bytes, tree
 from tests._httpserver import Server
 
@@ -590,12 +589,12 @@ async def test_configured_headers_stay_on_their_origin(
 
 
 def test_worker_processes_keep_the_parents_import_path() -> None:
-    from asynchub import _workers
+    from asynchub._workers import parent
 
-    probe = _workers._BOOT.replace(
-        "from asynchub._worker import main; main()", "print(json.dumps(sys.path))"
+    probe = parent._BOOT.replace(
+        "from asynchub._launch import worker; worker()", "print(json.dumps(sys.path))"
     )
-    assert probe != _workers._BOOT
+    assert probe != parent._BOOT
     parent = [p for p in sys.path if p]
     done = subprocess.run(
         [sys.executable, "-c", probe, json.dumps(parent)],
@@ -609,13 +608,13 @@ def test_worker_processes_keep_the_parents_import_path() -> None:
 
 def test_the_store_is_the_one_lookup(tmp_path: Path) -> None:
     """The cache commands and the hub answer "is it complete?" alike."""
-    from asynchub import _cachetools
+    from asynchub._store import admin
 
     entry = Entry(tmp_path, key("x"))
     make_module(entry.module_dir)
     layout.write_descriptor(entry, "x")  # asynchub's mark, but no record
     assert Store(tmp_path).lookup(entry.key) is None
-    [check] = _cachetools.verify(tmp_path)
+    [check] = admin.verify(tmp_path)
     assert not check.complete and "record is gone" in (check.problem or "")
 
 

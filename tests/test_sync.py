@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import typing
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -180,7 +179,7 @@ async def test_concurrent_aresolve_share_one_hub_and_one_download(
     assert len(counting) == 1
     # Worker processes work from the loop's hub too (it keeps no idle connections).
     assert await asynchub.aprefetch([url], processes=2) == [paths[0]]
-    assert len(counting) == 1 and not counting[0].custom_transport
+    assert len(counting) == 1 and not counting[0].in_process_only
 
 
 @pytest.mark.anyio
@@ -251,25 +250,19 @@ def test_each_event_loop_gets_its_own_hub_and_leaves_nothing_open(
 
 
 def test_hub_takes_the_options_of_asynchub() -> None:
-    # Names the package imports for type checkers only.
-    names = {"ProgressEvent": asynchub.ProgressEvent, "Module": asynchub.Module}
+    """One option list: the typed keywords are the config's options and the runtime objects."""
+    from asynchub._config import RUNTIME_OPTIONS, HubOptions
 
-    def keywords(func: Any) -> dict[str, Any]:
-        hints = typing.get_type_hints(func, localns=names)
-        return {
-            name: hints[name]
-            for name, p in inspect.signature(func).parameters.items()
-            if p.kind is p.KEYWORD_ONLY
-        }
-
-    options = typing.get_type_hints(_sync.HubOptions, localns=names)
-    assert options == keywords(asynchub.AsyncHub.__init__)
-    assert keywords(Hub.__init__) == {"backend": str}
-    unpacked = typing.Unpack[_sync.HubOptions]
-    for func in (Hub.__init__, asynchub.aresolve, asynchub.aload):
+    typed = set(HubOptions.__annotations__)
+    assert typed == set(HubConfig.options()) | RUNTIME_OPTIONS
+    assert {"progress", "transport", "keep_alive"} == RUNTIME_OPTIONS
+    # Every keyword-taking entry point takes exactly those, through **Unpack[HubOptions].
+    for func in (asynchub.AsyncHub.__init__, Hub.__init__, asynchub.aresolve, asynchub.aload):
         params = inspect.signature(func).parameters.values()
         (var,) = [p for p in params if p.kind is p.VAR_KEYWORD]
-        assert typing.get_type_hints(func, localns=names)[var.name] == unpacked, func
+        assert var.annotation == "Unpack[HubOptions]", func
+    with pytest.raises(TypeError, match="unknown hub option"):
+        asynchub.AsyncHub(cache_dir="/x", mirror="s3://b")  # type: ignore[call-arg]
     with Hub(cache_dir="/nonexistent/x", retries=1, offline=True) as hub:
         assert isinstance(hub.config, HubConfig)
         assert hub.cache_dir == Path("/nonexistent/x")

@@ -1,5 +1,10 @@
-"""Where archives' bytes come from: one small protocol, one module per kind of source."""
+"""Where archives' bytes come from: one small protocol, one module per kind of source.
 
+``net`` is the hub's HTTP transport; ``mirrors`` says where a handle's archive
+lies at a mirror (and pushes one there).
+"""
+
+from . import mirrors, net
 from .base import Retry, Source, Transfer
 from .file import FileSource
 from .http import HttpSource
@@ -14,4 +19,6 @@ __all__ = [
     "Retry",
     "Source",
     "Transfer",
+    "mirrors",
+    "net",
 ]

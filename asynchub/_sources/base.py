@@ -12,18 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import HubError
+from ..errors import HubError, Retry
 
 __all__ = ["Retry", "Source", "Transfer"]
-
-
-class Retry(Exception):
-    """An attempt failed in a way a fresh attempt may fix."""
-
-    def __init__(self, error: HubError, retry_after: float | None = None) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.retry_after = retry_after
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The cache store: layout, locks, and one owner of an entry's whole life."""
 
-from ._layout import Entry, Record, SourceStamp
+from .layout import Entry, Record, SourceStamp
 from .locks import LockView, Verdict, verdict
 from .store import Accept, Claim, Store, cache_error
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._layout import Entry
+from .layout import Entry
 
 __all__ = [
     "LockInfo",

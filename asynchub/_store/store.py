@@ -26,9 +26,8 @@ from anyio import to_thread
 
 from .._integrity import tree_digest
 from ..errors import ArchiveError, CacheError, LockTimeoutError
-from . import _layout as layout
-from . import locks
-from ._layout import Entry, Record, SourceStamp
+from . import layout, locks
+from .layout import Entry, Record, SourceStamp
 
 if TYPE_CHECKING:
     from .._archive import Manifest

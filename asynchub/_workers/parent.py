@@ -1,29 +1,24 @@
-"""Multi-process prefetch: worker processes that resolve handles fed to them one at a time.
+"""The parent side of worker processes: start them, feed them handles, gather their answers.
 
-The parent side. One process is GIL-bound at about 1.6 cores on loopback
-(docs/design.md, "Concurrency and its limit"); ``prefetch(..., processes=N)``
-spreads the downloads over children running ``asynchub._worker`` (the only
-module of the pair that imports the hub), started with the parent's
-``sys.path`` in its order. The protocol, one JSON
-value a line, UTF-8:
-
-* parent → child stdin: first the hub's config (an object), then one handle (a
-  string) per line, sent when the child has a free slot; EOF: no more handles.
-* child → parent stdout: ``{"event": kind, "handle", "done", "total", "attempt",
-  "path", "error"}`` progress events, and ``{"result": handle, "path": p}`` or
-  ``{"result": handle, "error": {"type", "message", "handle", "url", "status"}}``.
-* the child exits when stdin is at EOF and its handles are done; SIGINT cancels
-  it (tmp dirs and locks are removed on the way out). Its stderr is captured,
-  and its tail is quoted if it dies with handles unanswered.
+One process is GIL-bound at about 1.6 cores on loopback (docs/design.md,
+"Concurrency and its limit"); ``prefetch(..., processes=N)`` spreads the
+downloads over children running :mod:`.child`, started with the parent's
+``sys.path`` in its order. The protocol is :mod:`.wire`'s. The child exits
+when stdin is at EOF and its handles are done; SIGINT cancels it (tmp dirs
+and locks are removed on the way out). Its stderr is captured, and its tail
+is quoted if it dies with handles unanswered.
 
 A child is started in one of two ways. By default it is a new interpreter
 (``_spawn``): about 0.25 s of start-up and imports each. The command line,
 which knows its work before it starts a thread or an event loop, instead forks
-its children first thing (``_worker.prefork``) and hands them over with
+its children first thing (:func:`.child.prefork`) and hands them over with
 :func:`adopt`: a fork inherits every import, so it starts in milliseconds, and
 forking before any thread exists is safe (forking a process with threads
 is not: a lock another thread held stays held in the child). Such a child
 speaks the same protocol, over socket pairs instead of pipes.
+
+This package never imports the hub: the parent is given a :class:`HubLike`,
+and the child's entry point (``asynchub._launch.worker``) hands it the hub class.
 """
 
 from __future__ import annotations
@@ -37,26 +32,42 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import anyio
 from anyio import to_thread
 from anyio.abc import ByteReceiveStream, ByteSendStream, Process, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from . import errors
-from ._handles import parse
-from ._progress import ProgressEvent, ProgressKind, silent
-from .errors import DownloadError, HTTPStatusError, HubError
+from .._config import HubConfig
+from .._handles import parse
+from .._progress import ProgressEvent, ProgressKind, silent
+from .._store import Store
+from .._types import Handle, ProgressCallback
+from ..errors import HubError
+from .wire import config_line, error_from_json, event_from_json
 
-if TYPE_CHECKING:
-    from ._prefetch import HubLike
-    from ._store import Store
+__all__ = ["Forked", "HubLike", "adopt", "release", "run"]
 
-__all__ = ["error_from_json", "error_to_json", "event_to_json", "run"]
+
+class HubLike(Protocol):
+    """What prefetch and the worker processes need of a hub (an open AsyncHub)."""
+
+    @property
+    def config(self) -> HubConfig: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def limiter(self) -> anyio.CapacityLimiter: ...
+    @property
+    def progress(self) -> ProgressCallback | None: ...
+    @property
+    def in_process_only(self) -> bool: ...
+    async def resolve(self, handle: Handle) -> Path: ...
+    async def lookup(self, handle: Handle) -> Path | None: ...
+
 
 _MAX_LINE = 16 * 1024 * 1024
 _STDERR_TAIL = 4096  # bytes of a child's stderr kept for error messages
@@ -68,97 +79,11 @@ _BOOT = (
     "import json, sys; "
     "sys.path[:] = json.loads(sys.argv[1]); "
     "from asynchub._launch import refuse_unused; refuse_unused(); "
-    "from asynchub._worker import main; main()"
+    "from asynchub._launch import worker; worker()"
 )
 
 
-# -- errors over the pipe ------------------------------------------------------------------
-
-
-def error_to_json(exc: BaseException) -> dict[str, Any]:
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "hub_error": isinstance(exc, HubError),
-        "handle": getattr(exc, "handle", None),
-        "url": getattr(exc, "url", None),
-        "status": getattr(exc, "status", None),
-    }
-
-
-def error_from_json(data: Mapping[str, Any]) -> HubError:
-    """The same asynchub.errors class, message, handle, url and status; else a HubError."""
-    cls: Any = getattr(errors, str(data.get("type")), None)
-    message = str(data.get("message", ""))
-    handle = data.get("handle")
-    if not (isinstance(cls, type) and issubclass(cls, HubError)) or cls is errors.PrefetchError:
-        cls = HubError
-        if not data.get("hub_error"):
-            message = f"{data.get('type')}: {message}"
-    url = data.get("url")
-    error: HubError
-    if issubclass(cls, HTTPStatusError):
-        error = cls(message, handle=handle, url=url, status=int(data.get("status") or 0))
-    elif issubclass(cls, DownloadError):
-        error = cls(message, handle=handle, url=url)
-    else:
-        error = cls(message, handle=handle)
-    return error
-
-
-def event_to_json(event: ProgressEvent) -> dict[str, Any]:
-    return {
-        "event": event.kind.value,
-        "handle": event.handle,
-        "done": event.done,
-        "total": event.total,
-        "attempt": event.attempt,
-        "path": None if event.path is None else os.fspath(event.path),
-        "error": None if event.error is None else error_to_json(event.error),
-    }
-
-
-def _event_from_json(data: Mapping[str, Any]) -> ProgressEvent:
-    error = data.get("error")
-    path = data.get("path")
-    return ProgressEvent(
-        kind=ProgressKind(data["event"]),
-        handle=str(data["handle"]),
-        done=int(data.get("done") or 0),
-        total=data.get("total"),
-        attempt=int(data.get("attempt") or 0),
-        path=None if path is None else Path(path),
-        error=None if error is None else error_from_json(error),
-    )
-
-
 # -- the parent side -------------------------------------------------------------------------
-
-
-def hub_config_json(hub: HubLike, per_child: int, progress: bool) -> dict[str, Any]:
-    c = hub.config
-    return {
-        "cache_dir": os.fspath(c.cache_dir),
-        "timeout": {
-            "connect": c.timeouts.connect,
-            "read": c.timeouts.read,
-            "stalled": c.timeouts.stalled,
-        },
-        "retries": {
-            "total": c.retries.total,
-            "backoff": c.retries.backoff,
-            "max_backoff": c.retries.max_backoff,
-            "max_retry_after": c.retries.max_retry_after,
-        },
-        "headers": dict(c.headers),
-        "offline": c.offline,
-        "max_concurrency": per_child,
-        "max_extract_bytes": c.max_extract_bytes,
-        "lock_stale_after": c.lock_stale_after,
-        "lock_timeout": c.lock_timeout,
-        "gzip_backend": c.gzip_backend,
-        "progress": progress,
-    }
 
 
 async def _spawn() -> Process:
@@ -179,7 +104,7 @@ async def _spawn() -> Process:
 
 @dataclass(eq=False)
 class Forked:
-    """A worker forked by ``_worker.prefork``: its pid and this process's ends of its pipes."""
+    """A worker forked by :func:`.child.prefork`: its pid and this process's ends of its pipes."""
 
     pid: int
     stdin: socket.socket
@@ -361,7 +286,9 @@ async def run(
     per_child = max(1, math.ceil(limit / count))
     callback = hub.progress
     # A silent callback (the command's --quiet) wants no events: none cross the pipe.
-    config = json.dumps(hub_config_json(hub, per_child, callback not in (None, silent))) + "\n"
+    # The whole config, so every option holds in the children; a silent callback
+    # (the command's --quiet) wants no events: none cross the pipe.
+    config = config_line(hub.config, per_child, events=callback not in (None, silent))
     children: list[_Child] = []
     # A free slot of a child is its index in this stream; a result gives it back.
     free_send, free_receive = anyio.create_memory_object_stream[int](count * per_child)
@@ -385,7 +312,7 @@ async def run(
             if "event" in message:
                 # "queued" was said by this process when the call began.
                 if callback is not None and message["event"] != ProgressKind.QUEUED.value:
-                    callback(_event_from_json(message))
+                    callback(event_from_json(message))
                 continue
             handle = message["result"]
             error = message.get("error")
@@ -482,7 +409,7 @@ async def run(
                 assert child.process.stdin is not None
                 # A child that died at once is reported by its reader, with its stderr.
                 with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    await child.process.stdin.send(config.encode())
+                    await child.process.stdin.send(config)
             for _ in range(per_child):
                 for index in range(count):
                     free_send.send_nowait(index)

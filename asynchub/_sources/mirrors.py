@@ -17,10 +17,9 @@ from urllib.parse import unquote, urlsplit
 
 from anyio import to_thread
 
-from ._handles import split_object_url
-from ._pack import pack
-from ._sources.objstore import ObjectStores, classify, import_obstore, put_file
-from .errors import HandleError, HubError
+from .._handles import split_object_url
+from ..errors import HandleError, HubError
+from .objstore import ObjectStores, classify, import_obstore, put_file
 
 __all__ = ["archive_location", "kind_of", "normalise", "push"]
 
@@ -72,6 +71,8 @@ async def push(mirror: str, module_dir: Path, key: str, stores: ObjectStores) ->
     A local mirror gets the archive atomically (``pack`` writes beside it and
     renames); an object store gets it by one put (multipart when large).
     """
+    from .._pack import pack  # only here: resolving through a mirror needs no packer
+
     mirror = normalise(mirror)
     kind = kind_of(mirror)
     where = archive_location(mirror, key)

@@ -1,9 +1,11 @@
 """A worker process of ``prefetch(..., processes=N)``: the child side.
 
-Started by :mod:`._workers` with the parent's ``sys.path`` (:func:`main`), or
-forked by the command line before it starts a thread (:func:`prefork`); reads
-the hub's config and then handles from stdin, one JSON value a line, and
-writes progress events and results to stdout (the protocol is described there).
+Started by :mod:`.parent` with the parent's ``sys.path`` (through
+``asynchub._launch.worker``, which calls :func:`main`), or forked by the
+command line before it starts a thread (:func:`prefork`); reads the hub's
+config and then handles from stdin, one JSON value a line, and writes progress
+events and results to stdout (the protocol is :mod:`.wire`'s). The hub itself
+is handed in (``make_hub``): this package sits below the hub and never imports it.
 """
 
 from __future__ import annotations
@@ -18,18 +20,24 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import IO, Any
 
 import anyio
 from anyio import to_thread
 
-from ._config import Retries, Timeouts
-from ._hub import AsyncHub
-from ._progress import ProgressEvent, ProgressKind, silent
-from ._workers import Forked, error_to_json, event_to_json
-from .errors import HubError
+from .._config import HubConfig
+from .._progress import ProgressEvent, ProgressKind, silent
+from .._types import ProgressCallback
+from ..errors import HubError
+from .parent import Forked
+from .wire import error_to_json, event_to_json, read_config
 
-__all__ = ["main", "prefork"]
+__all__ = ["MakeHub", "can_fork", "main", "prefork"]
+
+
+#: Makes an (unentered) hub from a config and a progress callback: ``AsyncHub.from_config``.
+MakeHub = Callable[[HubConfig, ProgressCallback], AbstractAsyncContextManager[Any]]
 
 _EXIT_SIGNALLED = 130
 _BYTES_EVERY = 0.05  # seconds between the byte-count events a child sends for one handle
@@ -52,14 +60,14 @@ class _Writer:
             self._out.flush()
 
 
-async def _child_main(stdin: IO[bytes], write: _Writer) -> int:
+async def _child_main(stdin: IO[bytes], write: _Writer, make_hub: MakeHub) -> int:
     first = stdin.readline()
     if not first:
-        return 0  # a forked child no prefetch took: nothing to do
-    config = json.loads(first)
+        return 0  # a forked child no prefork took: nothing to do
+    config, events = read_config(first)
     # Without progress wanted, a callback even so: the environment must not start a display.
     emit: Callable[[ProgressEvent], None] = silent
-    if config.pop("progress"):
+    if events:
         sent: dict[str, float] = {}
 
         def send(event: ProgressEvent) -> None:
@@ -74,11 +82,9 @@ async def _child_main(stdin: IO[bytes], write: _Writer) -> int:
 
         emit = send
 
-    config["timeout"] = Timeouts(**config["timeout"])
-    config["retries"] = Retries(**config["retries"])
     signalled = False
 
-    async def one(hub: AsyncHub, handle: str) -> None:
+    async def one(hub: Any, handle: str) -> None:
         try:
             path = await hub.resolve(handle)
         except HubError as exc:
@@ -99,7 +105,7 @@ async def _child_main(stdin: IO[bytes], write: _Writer) -> int:
                 scope.cancel()
                 return
 
-    async with AsyncHub(progress=emit, **config) as hub, anyio.create_task_group() as outer:
+    async with make_hub(config, emit) as hub, anyio.create_task_group() as outer:
         if os.name == "posix":
             outer.start_soon(watch_signals, outer.cancel_scope)
         async with anyio.create_task_group() as tg:
@@ -112,22 +118,23 @@ async def _child_main(stdin: IO[bytes], write: _Writer) -> int:
     return _EXIT_SIGNALLED if signalled else 0
 
 
-def _serve(stdin: IO[bytes], out: IO[bytes]) -> int:
+def _serve(stdin: IO[bytes], out: IO[bytes], make_hub: MakeHub) -> int:
     write = _Writer(out)
     try:
-        code = anyio.run(_child_main, stdin, write)
+        code = anyio.run(_child_main, stdin, write, make_hub)
     except KeyboardInterrupt:
         code = _EXIT_SIGNALLED
     out.close()
     return code
 
 
-def main() -> None:
+def main(make_hub: MakeHub) -> None:
+    """A spawned worker's life: the protocol over stdin and stdout, then exit."""
     # Only protocol lines go to the real stdout; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    sys.exit(_serve(sys.stdin.buffer, out))
+    sys.exit(_serve(sys.stdin.buffer, out, make_hub))
 
 
 def can_fork() -> bool:
@@ -135,8 +142,8 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux") and threading.active_count() == 1
 
 
-def prefork(count: int) -> list[Forked]:
-    """Fork ``count`` workers now, for a later ``prefetch(..., processes=N)`` (see ``_workers``).
+def prefork(count: int, make_hub: MakeHub) -> list[Forked]:
+    """Fork ``count`` workers now, for a later ``prefetch(..., processes=N)`` (see :mod:`.parent`).
 
     Only while this process has one thread and no event loop (:func:`can_fork`):
     the command line calls it first thing. Each child starts a new session (a
@@ -161,7 +168,8 @@ def prefork(count: int) -> list[Forked]:
                         earlier.close()  # else a sibling's EOF would never come
                     for ours, _theirs in pairs:
                         ours.close()
-                    code = _forked_main(*(theirs for _ours, theirs in pairs))
+                    stdin, stdout, stderr = (theirs for _ours, theirs in pairs)
+                    code = _forked_main(stdin, stdout, stderr, make_hub)
                 except BaseException:
                     traceback.print_exc()
                 finally:
@@ -183,7 +191,7 @@ def prefork(count: int) -> list[Forked]:
 
 
 def _forked_main(
-    stdin: socket.socket, stdout: socket.socket, stderr: socket.socket
+    stdin: socket.socket, stdout: socket.socket, stderr: socket.socket, make_hub: MakeHub
 ) -> int:  # pragma: no cover - runs in a forked child
     os.setsid()
     err = stderr.detach()
@@ -191,8 +199,4 @@ def _forked_main(
     os.dup2(err, 1)  # anything printed goes where the parent captures stderr
     os.close(err)
     with os.fdopen(stdin.detach(), "rb") as source:
-        return _serve(source, os.fdopen(stdout.detach(), "wb"))
-
-
-if __name__ == "__main__":
-    main()
+        return _serve(source, os.fdopen(stdout.detach(), "wb"), make_hub)

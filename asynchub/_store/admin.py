@@ -1,6 +1,6 @@
 """Inspect and tidy a cache dir: list, remove, prune, verify.
 
-Blocking functions over the layout described in ``_store/_layout.py``
+Blocking functions over the layout described in ``layout.py``
 (tensorflow_hub's, plus asynchub's manifest). Completeness is the store's
 ``lookup`` and lock staleness is ``locks.verdict``: the same answers the hub
 gets. They take the same ``<key>.lock`` a download takes before removing an
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._handles import key_of
-from ._store import Store, locks
-from ._store import _layout as cache
-from .errors import CacheError
+from .._handles import key_of
+from ..errors import CacheError
+from . import layout as cache
+from . import locks
+from .store import Store
 
 __all__ = [
     "CacheEntryInfo",
