@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing as _typing
 
+from ._version import __version__
 from .errors import (
     ArchiveError,
     CacheError,
@@ -58,7 +59,6 @@ if _typing.TYPE_CHECKING:
     from ._sync import Hub, aload, aprefetch, aresolve, load, prefetch, resolve
 
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ArchiveError",

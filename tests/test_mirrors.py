@@ -273,3 +273,63 @@ async def test_mirror_whose_checksum_fails_is_a_fault(
     assert len(server.gets("/m/1")) == 1
     [retried] = [e for e in events if e.kind is ProgressKind.RETRYING]
     assert isinstance(retried.error, IntegrityError) and "MD5" in str(retried.error)
+
+
+@pytest.mark.anyio
+async def test_worker_processes_get_mirrors_a_lock_file_and_object_store_options(
+    server: Server,
+    s3: S3Server,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """prefetch(processes=2) runs in its workers with every option of the hub's.
+
+    The store's address and keys are given only as s3_options (the environment is
+    emptied of AWS_*), the modules come from the mirror (the origin is not asked),
+    and the lock file is enforced there: a tampered mirror copy is refused.
+    """
+    from asynchub._workers import parent
+
+    modules = [make_module(tmp_path / f"src{i}", seed=i) for i in range(4)]
+    urls = [server.add(f"/w/{i}", body=tar_bytes(m)) for i, m in enumerate(modules)]
+    bucket = s3.bucket()
+    await apush(f"s3://{bucket}", *urls, cache_dir=cache_dir)
+    lockfile = await alock(*urls, cache_dir=cache_dir, out=tmp_path / "asynchub.lock")
+    tamper(s3, bucket, cache_key(urls[3]), make_module(tmp_path / "evil", seed=99))
+    gets = [len(server.gets(f"/w/{i}")) for i in range(4)]
+    options = {
+        "endpoint": s3.endpoint,
+        "access_key_id": s3.key_id,
+        "secret_access_key": s3.secret,
+        "region": "us-east-1",
+        "allow_http": True,
+    }
+    for name in s3.env():
+        monkeypatch.delenv(name)
+    spawned: list[int] = []
+    spawn = parent._spawn
+
+    async def counting() -> Any:
+        process = await spawn()
+        spawned.append(process.pid)
+        return process
+
+    monkeypatch.setattr(parent, "_spawn", counting)
+    fresh = tmp_path / "fresh"
+    async with hub(
+        fresh, mirrors=[f"s3://{bucket}"], lockfile=lockfile, s3_options=options, retries=0
+    ) as h:
+        assert not h.in_process_only
+        results = await h.prefetch(urls, processes=2, return_exceptions=True)
+    assert len(spawned) == 2  # the downloads ran in two worker processes
+    for i in range(3):
+        assert results[i] == fresh / cache_key(urls[i])
+        assert tree(results[i]) == tree(modules[i])  # type: ignore[arg-type]
+        assert record(fresh, urls[i])["mirror"] == f"s3://{bucket}"
+    assert isinstance(results[3], IntegrityError) and "lock file" in str(results[3])
+    assert [len(server.gets(f"/w/{i}")) for i in range(4)] == gets  # the origin was not asked
+    assert sorted(names(fresh)) == sorted(
+        n for i in range(3) for n in (cache_key(urls[i]), f"{cache_key(urls[i])}.descriptor.txt",
+                                      f"{cache_key(urls[i])}.manifest.json")
+    )  # fmt: skip
