@@ -62,6 +62,9 @@ def lint() -> int:
         run(tool("ruff"), "check", *paths)
         or run(tool("ruff"), "format", "--check", *paths)
         or run(tool("mypy"))
+        # The architecture (pyproject.toml, [tool.importlinter]): layers, private modules,
+        # no import circles.
+        or run(tool("lint-imports"), "--no-cache")
     )
 
 

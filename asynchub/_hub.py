@@ -294,7 +294,7 @@ class AsyncHub:
         the downloads over up to N worker processes, for more than the cores
         one process can use under the GIL; ``processes="auto"`` starts them
         only when the machine and the batch are large enough to gain from them
-        (:func:`asynchub._prefetch.plan_processes`). Cached handles never start one.
+        (:func:`asynchub._workers.plan_processes`). Cached handles never start one.
         ``digests`` maps handles to the ``"sha256:<hex>"`` each must match.
         """
         from ._prefetch import prefetch

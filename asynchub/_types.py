@@ -17,5 +17,5 @@ Handle: TypeAlias = Union[str, "os.PathLike[str]"]
 ProgressCallback: TypeAlias = Callable[["ProgressEvent"], None]
 
 #: ``prefetch``'s worker processes: None or 1 for none, N to use up to N, or
-#: ``"auto"`` to decide from the cores and the downloads (``_prefetch.plan_processes``).
+#: ``"auto"`` to decide from the cores and the downloads (``_workers.plan_processes``).
 Processes: TypeAlias = int | Literal["auto"] | None
