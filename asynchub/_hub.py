@@ -67,8 +67,9 @@ class AsyncHub:
     """
 
     def __init__(self, **options: Unpack[HubOptions]) -> None:
-        runtime: dict[str, Any] = {k: options.pop(k) for k in RUNTIME_OPTIONS if k in options}  # type: ignore[misc]
-        self._setup(HubConfig.from_env(**options), **runtime)
+        given: dict[str, Any] = dict(options)
+        runtime = {name: given.pop(name) for name in RUNTIME_OPTIONS if name in given}
+        self._setup(HubConfig.from_env(**given), **runtime)
 
     @classmethod
     def from_config(
@@ -121,13 +122,6 @@ class AsyncHub:
         self._urls: dict[str, ParsedHandle] = {}
         self._display: ProgressDisplay | None = None
         self._state = "new"
-        # Worker processes are made from the config's JSON: options that are not
-        # JSON values (an object in s3_options, say) keep the downloads here.
-        try:
-            json.dumps(config.to_json())
-            self._json_config = True
-        except (TypeError, ValueError):
-            self._json_config = False
 
     @property
     def cache_dir(self) -> Path:
@@ -204,7 +198,13 @@ class AsyncHub:
         for a config that is not all JSON values; every other option reaches the
         worker processes with the whole config.
         """
-        return self._transport is not None or not self._json_config
+        if self._transport is not None:
+            return True
+        try:  # worker processes are made from the config's JSON
+            json.dumps(self.config.to_json())
+        except (TypeError, ValueError):  # an object in s3_options, say
+            return True
+        return False
 
     def _check_open(self) -> tuple[httpx.AsyncClient, anyio.CapacityLimiter]:
         if self._state != "open" or self._client is None or self._limiter is None:
