@@ -48,7 +48,7 @@ X = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
 
 
 def test_model_paths() -> None:
-    from asynchub._infer import parse_model_path
+    from asynchub._serving.oip import parse_model_path
 
     assert parse_model_path("digits") == ("digits", None, "metadata")
     assert parse_model_path("digits/ready") == ("digits", None, "ready")
@@ -60,8 +60,7 @@ def test_model_paths() -> None:
 
 
 def test_latest_version_prefers_numbers(tmp_path: Path) -> None:
-    from asynchub._infer import latest, versions
-    from asynchub.server import ModuleSource
+    from asynchub._serving.repository import ModuleSource, latest, versions
 
     for version in ["2", "10", "beta"]:
         (tmp_path / "m" / version).mkdir(parents=True)
@@ -89,7 +88,7 @@ def _input(name: str, array: np.ndarray[Any, Any], binary: bool = True) -> Any:
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_decode_what_tritonclient_sends(binary: bool) -> None:
-    from asynchub._infer import decode_request
+    from asynchub._serving.oip import decode_request
 
     words = np.array([b"a", b"bc", "d\u00e9".encode()], dtype=object)
     inputs = [
@@ -128,7 +127,8 @@ def test_decode_what_tritonclient_sends(binary: bool) -> None:
     ],
 )
 def test_decode_refuses_with_a_reason(document: bytes, message: str) -> None:
-    from asynchub._infer import ProtocolError, decode_request
+    from asynchub._serving.oip import decode_request
+    from asynchub.errors import ProtocolError
 
     with pytest.raises(ProtocolError, match=message) as caught:
         decode_request(document, None)
@@ -136,7 +136,8 @@ def test_decode_refuses_with_a_reason(document: bytes, message: str) -> None:
 
 
 def test_decode_checks_the_binary_sizes() -> None:
-    from asynchub._infer import ProtocolError, decode_request
+    from asynchub._serving.oip import decode_request
+    from asynchub.errors import ProtocolError
 
     body, header = _request([_input("x", X)], True)
     assert header is not None
@@ -164,7 +165,7 @@ def test_decode_checks_the_binary_sizes() -> None:
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_encode_is_what_tritonclient_reads(binary: bool) -> None:
-    from asynchub._infer import encode_response
+    from asynchub._serving.oip import encode_response
 
     outputs = [
         ("y", X * 2, binary),
