@@ -39,8 +39,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .._version import __version__
 from .._module import Module, SignatureInfo, default_signature, load_module
+from .._version import __version__
 from ..errors import HubError, ProtocolError, QueueFullError, SignatureError
 from .oip import (
     bind,
