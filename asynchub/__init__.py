@@ -59,7 +59,6 @@ if _typing.TYPE_CHECKING:
     from ._sync import Hub, aload, aprefetch, aresolve, load, prefetch, resolve
 
 
-
 __all__ = [
     "ArchiveError",
     "AsyncHub",

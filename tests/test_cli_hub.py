@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from asynchub._cli_hub import parse_duration
+from asynchub._cli import parse_duration
 from tests._archives import make_module, tar_bytes
 from tests._httpserver import Server
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY = "from asynchub._cli_hub import _main; _main()"
+ENTRY = "from asynchub.cli import main; main(prog_name='asynchub')"
 
 
 def key(handle: str) -> str:

@@ -21,7 +21,6 @@ from click.testing import CliRunner
 
 import asynchub
 from asynchub import AsyncHub, HandleError, Hub, IntegrityError, ProgressKind
-from asynchub._cli_hub import _main
 from asynchub._handles import cache_key, parse
 from asynchub._integrity import Pin, parse_digest, read_lock, split_fragment, tree_digest
 from asynchub._sources.http import server_md5
@@ -416,11 +415,12 @@ def test_cache_verify_digests_finds_a_file_changed_in_place(
     assert "no file digests recorded" in done.stdout
 
 
-def test_hub_commands_stand_alone() -> None:
-    # _cli_hub's own group (used before cli.py registers them) has the new commands.
-    with pytest.raises(SystemExit) as info:
-        _main(["lock", "--help"])
-    assert info.value.code == 0
+def test_the_command_line_has_the_new_commands() -> None:
+    # asynchub.cli's group registers every command of asynchub._cli, lock and mirror too.
+    for command in (["lock", "--help"], ["mirror", "push", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            cli_main(command, prog_name="asynchub")
+        assert info.value.code == 0
 
 
 def test_sync_and_module_level_calls_take_a_digest(

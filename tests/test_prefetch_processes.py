@@ -129,7 +129,7 @@ async def test_cached_and_local_handles_start_no_process(
     async with hub(cache_dir) as h:
         await h.prefetch(urls)
         events: list[ProgressEvent] = []
-        h._progress = events.append
+        h._events.callback = events.append  # the hub's progress sink (_fetch.events)
         paths = await h.prefetch([*urls, local], processes=2)
         assert paths == [*(cache_dir / key(u) for u in urls), local]
         assert spawned == []
@@ -243,7 +243,7 @@ def test_cli_prefetch_with_processes(server: Server, cache_dir: Path, bodies: li
         [
             sys.executable,
             "-c",
-            "from asynchub._cli_hub import _main; _main()",
+            "from asynchub.cli import main; main(prog_name='asynchub')",
             "prefetch",
             "--processes",
             "2",
@@ -273,7 +273,7 @@ def test_cli_ctrl_c_stops_the_workers_and_leaves_a_clean_cache(
 ) -> None:
     urls = [server.add(f"/m/{i}", body=big, chunk=16 * 1024, throttle=0.02) for i in range(4)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = "from asynchub._cli_hub import _main; _main()"
+    command = "from asynchub.cli import main; main(prog_name='asynchub')"
     args = ["prefetch", "-q", "-j", "4", "--processes", "2", "--cache-dir", str(cache_dir)]
     with subprocess.Popen(
         [sys.executable, "-c", command, *args, *urls],

@@ -14,14 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from asynchub import _cli_hub, _config, _workers
+from asynchub import _cli, _config, _workers
 from asynchub._workers import plan_forked
 from tests._archives import make_module, tar_bytes
 from tests._httpserver import Server
 from tests.test_prefetch import key, leftovers
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = "from asynchub._cli_hub import _main; _main()"
+CLI = "from asynchub.cli import main; main(prog_name='asynchub')"
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_no_fork_with_another_thread_running(cache_dir: Path) -> None:
     other.start()
     try:
         config = _config.HubConfig.from_env(cache_dir=cache_dir)
-        assert _cli_hub._fork_workers(config, 16, 2) == 0
+        assert _cli.fork_workers(config, 16, 2) == 0
         assert _workers.parent._forked == []
     finally:
         stop.set()

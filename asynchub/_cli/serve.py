@@ -1,0 +1,113 @@
+"""The ``serve`` command: host modules over HTTP, and with ``--infer`` answer predictions.
+
+The server, uvicorn and TensorFlow are imported when the command runs, not before.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import click
+
+from ..errors import MissingDependencyError
+from .common import cache_dir_option, errors_as_exit
+
+__all__ = ["serve"]
+
+
+@click.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@cache_dir_option.with_help(
+    "Where directories packed on demand are kept (default: a temp dir, removed on exit)."
+)
+@click.option(
+    "--infer", is_flag=True, help="Also answer predictions: the Open Inference Protocol under /v2."
+)
+@click.option("--preload", is_flag=True, help="With --infer: load every module at start-up.")
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="With --infer: the most rows joined into one call of a model.",
+)
+@click.option(
+    "--max-delay-ms",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="With --infer: how long a request waits for others to join its batch.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="With --infer: rows waiting per model and signature before requests get 503.",
+)
+@click.option(
+    "--no-batching", is_flag=True, help="With --infer: run each request alone (no batches)."
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="Log every request on stdout.",
+)
+def serve(
+    root: Path,
+    host: str,
+    port: int,
+    cache_dir: Path | None,
+    infer: bool,
+    preload: bool,
+    max_batch_size: int,
+    max_delay_ms: float,
+    max_queue: int,
+    no_batching: bool,
+    access_log: bool,
+) -> None:
+    """Serve the modules under ROOT over HTTP, the TF Hub way.
+
+    ROOT holds NAME/VERSION/ SavedModel directories and/or prebuilt NAME/VERSION.tar.gz
+    archives; NAME may contain slashes. A client fetches NAME/VERSION with
+    ?tf-hub-format=compressed; a browser gets a page about the module. With --infer,
+    model NAME answers predictions at /v2/models/NAME[/versions/VERSION]/infer
+    (docs/serving.md).
+    """
+    ctx = click.get_current_context()
+    infer_only = ("preload", "max_batch_size", "max_delay_ms", "max_queue", "no_batching")
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in infer_only
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if given and not infer:
+        raise click.UsageError(f"{', '.join(given)} only apply with --infer")
+    with errors_as_exit():
+        try:
+            import uvicorn
+
+            from ..server import InferOptions, create_app
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f'serving needs the server extra ({exc}): pip install "asynchub[server]"'
+            ) from exc
+    options = None
+    if infer:
+        options = InferOptions(
+            preload=preload,
+            batching=not no_batching,
+            max_batch_size=max_batch_size,
+            max_delay=max_delay_ms / 1000,
+            max_queue=max_queue,
+        )
+    with errors_as_exit():
+        app = create_app(root, cache_dir=cache_dir, infer=options or False)
+    # uvicorn's own logging, plus asynchub's (a model loaded, a module that cannot be packed).
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["asynchub"] = {"handlers": ["default"], "level": "INFO"}
+    uvicorn.run(app, host=host, port=port, log_config=log_config, access_log=access_log)
