@@ -162,6 +162,16 @@ class S3Server:
             "AWS_ALLOW_HTTP": "true",
         }
 
+    def options(self) -> dict[str, Any]:
+        """The same as obstore's ``s3_options``, for a hub that is given them in code."""
+        return {
+            "endpoint": self.endpoint,
+            "access_key_id": self.key_id,
+            "secret_access_key": self.secret,
+            "region": REGION,
+            "allow_http": True,
+        }
+
     def client(self) -> Any:
         import boto3
 

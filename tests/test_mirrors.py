@@ -298,13 +298,7 @@ async def test_worker_processes_get_mirrors_a_lock_file_and_object_store_options
     lockfile = await alock(*urls, cache_dir=cache_dir, out=tmp_path / "asynchub.lock")
     tamper(s3, bucket, cache_key(urls[3]), make_module(tmp_path / "evil", seed=99))
     gets = [len(server.gets(f"/w/{i}")) for i in range(4)]
-    options = {
-        "endpoint": s3.endpoint,
-        "access_key_id": s3.key_id,
-        "secret_access_key": s3.secret,
-        "region": "us-east-1",
-        "allow_http": True,
-    }
+    options = s3.options()
     for name in s3.env():
         monkeypatch.delenv(name)
     spawned: list[int] = []

@@ -203,13 +203,7 @@ async def test_s3_options_in_code_point_at_the_server(
     handle = s3.put(bucket, "m.tar.gz", tar_bytes(module))
     for name in s3.env():
         monkeypatch.delenv(name)
-    options = {
-        "endpoint": s3.endpoint,
-        "access_key_id": s3.key_id,
-        "secret_access_key": s3.secret,
-        "region": "us-east-1",
-        "allow_http": True,
-    }
+    options = s3.options()
     async with hub(cache_dir, s3_options=options) as h:
         assert tree(await h.resolve(handle)) == tree(module)
 
