@@ -115,13 +115,10 @@ def _opt(
     return field(default=default, metadata=metadata)
 
 
-def _positive(name: str) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-        return value or _default_concurrency()
-
-    return check
+def _concurrency(value: int | None) -> int:
+    if value is not None and value < 1:
+        raise ValueError(f"max_concurrency must be >= 1, got {value}")
+    return value or _default_concurrency()
 
 
 def _mismatch(value: Any) -> MirrorMismatch:
@@ -150,10 +147,6 @@ def _flag(env: str) -> Callable[[bool | None], bool]:
     return lambda value: env_flag(env) if value is None else bool(value)
 
 
-def _path(value: Any) -> Path | None:
-    return None if value is None else Path(value)
-
-
 @dataclass(frozen=True)
 class HubConfig:
     """Everything a hub needs to know, fixed when the hub is made.
@@ -167,21 +160,19 @@ class HubConfig:
 
     #: Where modules are cached: ``TFHUB_CACHE_DIR``, else ``<system temp>/tfhub_modules``.
     cache_dir: Path = _opt(
-        factory=Path,
-        given=lambda v: Path(v).expanduser() if v else default_cache_dir(),
-        decode=Path,
+        given=lambda v: Path(v).expanduser() if v else default_cache_dir(), decode=Path
     )
     #: Network timeouts (keyword ``timeout``: seconds, or a Timeouts).
     timeouts: Timeouts = _opt(
         factory=lambda: Timeouts(),
-        given=lambda v: Timeouts.coerce(v),
+        given=Timeouts.coerce,
         decode=lambda v: Timeouts(**v),
         option="timeout",
     )
     #: Retries after the first attempt (keyword ``retries``: a count, or a Retries).
     retries: Retries = _opt(
         factory=lambda: Retries(),
-        given=lambda v: Retries.coerce(v),
+        given=Retries.coerce,
         decode=lambda v: Retries(**v),
     )
     #: Headers sent to the handle's origin only (never across a redirect elsewhere).
@@ -189,7 +180,7 @@ class HubConfig:
     #: Never download: only the cache answers (``ASYNCHUB_OFFLINE``).
     offline: bool = _opt(False, given=_flag(ENV_OFFLINE))
     #: Downloads at once, per hub.
-    max_concurrency: int = _opt(4, given=_positive("max_concurrency"))
+    max_concurrency: int = _opt(4, given=_concurrency)
     #: Refuse archives that would extract to more than this many bytes.
     max_extract_bytes: int = _opt(_MAX_EXTRACT, given=lambda v: v or _MAX_EXTRACT)
     #: A lock whose download dir has not grown for this long is taken over.
@@ -211,7 +202,7 @@ class HubConfig:
     mirrors: tuple[str, ...] = _opt((), given=_mirrors, decode=tuple)
     #: A lock file: every archive must match its pins, and handles it lacks are
     #: refused (``ASYNCHUB_LOCKFILE``; ``""`` turns the variable's off).
-    lockfile: Path | None = _opt(None, given=_lockfile, decode=_path)
+    lockfile: Path | None = _opt(None, given=_lockfile, decode=Path)
     #: What a mirror's copy that fails its pin leads to: an IntegrityError ("raise"),
     #: or a download from the origin ("origin").
     on_mirror_mismatch: MirrorMismatch = _opt("raise", given=_mismatch)
