@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ._config import GZIP_BACKENDS, MAX_EXTRACT_MEMBERS, ConfigError
 from ._integrity import tree_digest
 from .errors import ArchiveError, TruncatedArchiveError, UnsafeArchiveError
 
@@ -42,12 +43,28 @@ __all__ = [
 ]
 
 GZIP_MAGIC = b"\x1f\x8b"
-#: Preferred first; each is a drop-in for zlib's decompressobj.
-GZIP_BACKENDS = ("isal", "zlib-ng", "zlib")
+# GZIP_BACKENDS (from _config, preferred first): each is a drop-in for zlib's decompressobj.
 _BACKEND_MODULES = {"isal": "isal.isal_zlib", "zlib-ng": "zlib_ng.zlib_ng", "zlib": "zlib"}
 _COPY = 1024 * 1024
 _ContentType = str | None | Callable[[], str | None]
 _MAX_INFLATE = 4 * 1024 * 1024  # bound on bytes one decompress() call may produce
+# Bounds on a member's path: deeper and longer than any module's, and within what
+# file systems take (NAME_MAX 255 bytes; PATH_MAX 4096 with the cache dir in front),
+# so a hostile name is an UnsafeArchiveError, not an OSError from the disk.
+_MAX_DEPTH = 64
+_MAX_PATH = 1024  # bytes (UTF-8) of the path below the module root
+_MAX_COMPONENT = 255
+# tarfile reads an extended header (a GNU long name, pax records) whole into memory
+# and the header after it by recursion; both are bounded before it does either.
+_MAX_EXTENDED = 1024 * 1024
+_MAX_EXTENDED_CHAIN = 8
+_EXTENDED = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link name",
+    tarfile.XHDTYPE: "pax header",
+    tarfile.XGLTYPE: "global pax header",
+    tarfile.SOLARIS_XHDTYPE: "Solaris pax header",
+}
 # Part of tarfile since Python 3.2, though missing from typeshed's stubs.
 _EOFHeaderError: type[tarfile.HeaderError] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
 _SubsequentHeaderError: type[tarfile.HeaderError] = tarfile.SubsequentHeaderError  # type: ignore[attr-defined]
@@ -86,7 +103,7 @@ def gzip_backend(name: str | None = None) -> tuple[str, ModuleType]:
     names = (name,) if name else GZIP_BACKENDS
     for candidate in names:
         if candidate not in _BACKEND_MODULES:
-            raise ValueError(f"unknown gzip backend {candidate!r}; choose from {GZIP_BACKENDS}")
+            raise ConfigError(f"unknown gzip backend {candidate!r}; choose from {GZIP_BACKENDS}")
         try:
             return candidate, importlib.import_module(_BACKEND_MODULES[candidate])
         except ImportError:
@@ -349,10 +366,24 @@ class _Forward:
 
 
 class _TarInfo(tarfile.TarInfo):
-    """A TarInfo that tells its _ReadTar which header error ended the member list."""
+    """A TarInfo that tells its _ReadTar which header error ended the member list.
+
+    It also bounds what tarfile would read unbounded: an extended header's size,
+    a run of extended headers, and a sparse file's map.
+    """
 
     @classmethod
     def fromtarfile(cls, tar: tarfile.TarFile) -> _TarInfo:
+        # tarfile reads the header after an extended one by calling this again from
+        # inside it: the depth of that recursion is the run of extended headers.
+        depth = 0
+        if isinstance(tar, _ReadTar):
+            depth = tar.extended_run = tar.extended_run + 1
+            if depth > _MAX_EXTENDED_CHAIN:
+                raise UnsafeArchiveError(
+                    f"more than {_MAX_EXTENDED_CHAIN} extended headers in a row "
+                    f"(at byte {tar.offset:,}); a member has a few at most"
+                )
         # TarFile.next() ends the members on any header it cannot read past the
         # first (an all-zero end block, but also a short or empty read), so only
         # what it caught here tells a real end from a cut one.
@@ -364,11 +395,46 @@ class _TarInfo(tarfile.TarInfo):
             if isinstance(tar, _ReadTar):
                 tar.header_error = exc
             raise
+        finally:
+            if isinstance(tar, _ReadTar):
+                tar.extended_run = depth - 1
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        # The hook tarfile calls with a header parsed but nothing after it read yet.
+        kind = _EXTENDED.get(self.type)
+        if kind is not None and self.size > _MAX_EXTENDED:
+            raise UnsafeArchiveError(
+                f"a {kind} of {self.size:,} bytes (at byte {self.offset:,}); "
+                f"extended headers of more than {_MAX_EXTENDED:,} bytes are refused"
+            )
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _sparse(self)
+        member: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        return member
+
+    # A pax header's GNU sparse map (formats 0.0, 0.1, 1.0; 1.0's is read from the
+    # member's data, as long as it says): refused before it is parsed.
+    def _proc_gnusparse_00(self, member: tarfile.TarInfo, *args: Any) -> None:
+        raise _sparse(member)
+
+    def _proc_gnusparse_01(self, member: tarfile.TarInfo, *args: Any) -> None:
+        raise _sparse(member)
+
+    def _proc_gnusparse_10(self, member: tarfile.TarInfo, *args: Any) -> None:
+        raise _sparse(member)
+
+
+def _sparse(member: tarfile.TarInfo) -> UnsafeArchiveError:
+    return UnsafeArchiveError(
+        f"member {member.name!r} is a sparse file; sparse files are refused (their maps "
+        "are unbounded, and no module needs one)"
+    )
 
 
 class _ReadTar(tarfile.TarFile):
     tarinfo = _TarInfo
     header_error: tarfile.HeaderError | None = None
+    extended_run = 0  #: headers being read, one inside the other (_TarInfo.fromtarfile)
 
     @property
     def reached_end(self) -> bool:
@@ -386,14 +452,29 @@ def _normalise(name: str) -> str:
     return "/".join(parts)
 
 
-def check_member(member: tarfile.TarInfo, *, extracted: int, limit: int) -> str:
+def check_member(
+    member: tarfile.TarInfo,
+    *,
+    extracted: int,
+    limit: int,
+    index: int = 0,
+    max_members: int = MAX_EXTRACT_MEMBERS,
+) -> str:
     """Refuse an unsafe member before anything of it is written; return its relative path.
 
-    Refused: absolute paths, ``..`` components, symlinks, hardlinks, devices,
-    fifos and other special types, and a member that would take the total
-    extracted size past ``limit`` bytes.
+    Refused: absolute paths, ``..`` components, paths deeper than 64 levels,
+    longer than 1,024 bytes or with a component longer than 255, symlinks,
+    hardlinks, devices, fifos and other special types, a member that would take
+    the total extracted size past ``limit`` bytes, and the member at ``index``
+    (0-based, counting every member: directories and the root too) once
+    ``max_members`` came before it.
     """
     name = member.name
+    if index >= max_members:
+        raise UnsafeArchiveError(
+            f"the archive has more than {max_members:,} members (at member {name!r}); "
+            "raise max_extract_members if this module really has that many"
+        )
     if "\0" in name:
         raise UnsafeArchiveError(f"member name {name!r} contains a NUL byte")
     if name.startswith(("/", "\\")) or posixpath.isabs(name) or (len(name) > 1 and name[1] == ":"):
@@ -416,7 +497,36 @@ def check_member(member: tarfile.TarInfo, *, extracted: int, limit: int) -> str:
             f"the archive extracts to more than {limit:,} bytes (at member {name!r}); "
             "raise max_extract_bytes if this module really is that large"
         )
-    return _normalise(name)
+    rel = _normalise(name)
+    _check_path(rel)
+    return rel
+
+
+def _check_path(rel: str) -> None:
+    """Refuse a path too deep or too long for any module (and for many file systems)."""
+    parts = rel.split("/") if rel else []
+    if len(parts) > _MAX_DEPTH:
+        raise UnsafeArchiveError(
+            f"member {_shown(rel)} is {len(parts)} levels deep; more than {_MAX_DEPTH} are refused"
+        )
+    size = len(rel.encode("utf-8", "surrogateescape"))
+    if size > _MAX_PATH:
+        raise UnsafeArchiveError(
+            f"member {_shown(rel)} has a path of {size:,} bytes; "
+            f"more than {_MAX_PATH:,} are refused"
+        )
+    for part in parts:
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > _MAX_COMPONENT:
+            raise UnsafeArchiveError(
+                f"member {_shown(rel)} has a name of {size:,} bytes ({_shown(part)}); "
+                f"more than {_MAX_COMPONENT} are refused"
+            )
+
+
+def _shown(name: str) -> str:
+    """A member's name for a message: whole if short, else its start and end."""
+    return repr(name) if len(name) <= 120 else f"{name[:60]!r}…{name[-40:]!r}"
 
 
 def check_conflict(
@@ -465,6 +575,7 @@ def extract(
     dest: Path,
     *,
     limit: int,
+    max_members: int = MAX_EXTRACT_MEMBERS,
     content_type: _ContentType = None,
     backend: str | None = None,
     file_digests: bool = False,
@@ -472,7 +583,8 @@ def extract(
     """Extract the tar or tar.gz stream that ``pull`` yields into the existing dir ``dest``.
 
     Raises ArchiveError on a corrupt archive, UnsafeArchiveError on an unsafe one
-    and TruncatedArchiveError on one that ends early; the caller removes ``dest``
+    (more than ``limit`` bytes or ``max_members`` members among the reasons) and
+    TruncatedArchiveError on one that ends early; the caller removes ``dest``
     then. Every pulled byte is counted and hashed into the manifest; with
     ``file_digests`` every file written is hashed too (about 15 % more time in
     this thread, so only when asked: see docs/design.md).
@@ -480,12 +592,16 @@ def extract(
     _, module = gzip_backend(backend)
     source = _Inflater(pull, module, content_type)
     try:
-        return _extract(source, dest, limit=limit, file_digests=file_digests)
+        return _extract(
+            source, dest, limit=limit, max_members=max_members, file_digests=file_digests
+        )
     finally:
         source.close()
 
 
-def _extract(source: _Inflater, dest: Path, *, limit: int, file_digests: bool) -> Manifest:
+def _extract(
+    source: _Inflater, dest: Path, *, limit: int, max_members: int, file_digests: bool
+) -> Manifest:
     manifest = Manifest(compressed=source.kind == "gzip")
     sums: dict[str, str] | None = {} if file_digests else None
     dest_real = os.path.realpath(dest)
@@ -494,12 +610,16 @@ def _extract(source: _Inflater, dest: Path, *, limit: int, file_digests: bool) -
     try:
         tar: _ReadTar
         with _ReadTar(fileobj=_Forward(source), mode="r") as tar:  # type: ignore[arg-type]
-            for member in tar:
-                rel = check_member(member, extracted=extracted, limit=limit)
+            for index, member in enumerate(tar):
+                rel = check_member(
+                    member, extracted=extracted, limit=limit, index=index, max_members=max_members
+                )
                 if not rel:
                     continue
                 is_dir = member.isdir()
                 check_conflict(rel, is_dir=is_dir, files=manifest.files, dirs=dirs)
+                if is_dir and rel in manifest.dirs:
+                    continue  # made already: a repeated directory costs no syscall
                 target = os.path.join(dest_real, *rel.split("/"))
                 # check_member rules out escapes; this guards the rule itself.
                 if os.path.commonpath([dest_real, os.path.realpath(target)]) != dest_real:

@@ -42,6 +42,11 @@ __all__ = [
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 FORMAT_PARAM = ("tf-hub-format", "compressed")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_FRAGMENT = "#sha256="
+# What is left of a handle once its #sha256= is split off: a URL may hold no '#'
+# at all; an object key may, unless what follows reads as a fragment's "name=".
+_URL_FRAGMENT = re.compile(r"#(.*)$", re.DOTALL)
+_OBJECT_FRAGMENT = re.compile(r"#([A-Za-z][A-Za-z0-9_.-]*=.*)$", re.DOTALL)
 
 _FORMS = (
     "a local module directory, a local .tar/.tar.gz/.tgz archive (path or file:// URL), "
@@ -141,9 +146,14 @@ def parse(handle: Handle) -> ParsedHandle:
         raise HandleError(f"empty handle; expected {_FORMS}", handle=text)
     if "\0" in text:
         raise HandleError(f"handle {text!r} contains a NUL character", handle=text)
-    if "#sha256=" in text:
+    if text.lower().count(_FRAGMENT) > 1:
+        raise HandleError(
+            f"{text}: #sha256= is given twice; a handle takes one digest", handle=text
+        )
+    if _FRAGMENT in text:
         base, digest = split_fragment(text)
         parsed = _parse(base)
+        _check_fragment(parsed, text)
         if parsed.kind is HandleKind.DIRECTORY:
             raise HandleError(
                 f"{text}: a digest pins an archive's bytes, but {base} is a directory "
@@ -151,7 +161,34 @@ def parse(handle: Handle) -> ParsedHandle:
                 handle=text,
             )
         return dataclasses.replace(parsed, text=text, digest=digest, base=base)
-    return _parse(text)
+    parsed = _parse(text)
+    _check_fragment(parsed, text)
+    return parsed
+
+
+def _check_fragment(parsed: ParsedHandle, text: str) -> None:
+    """Refuse any fragment but ``#sha256=`` on a fetched handle, rather than drop it.
+
+    ``parsed`` is ``text`` less its ``#sha256=`` fragment. An http(s) or file://
+    URL's fragment never reaches the server or the file, so ``#size=3`` or
+    ``#SHA256=…`` would be ignored in silence (and still change the cache key).
+    An object key may hold a '#' (``m#2.tar.gz``); one followed by ``name=``
+    reads as a fragment, and is refused too. A local path's '#' is part of the
+    file's name.
+    """
+    if parsed.kind is HandleKind.URL or parsed.text.lower().startswith("file://"):
+        pattern = _URL_FRAGMENT
+    elif parsed.kind in (HandleKind.OBJECT, HandleKind.PREFIX):
+        pattern = _OBJECT_FRAGMENT
+    else:
+        return
+    found = pattern.search(parsed.text.partition("://")[2])
+    if found is not None:
+        raise HandleError(
+            f"{text}: unknown fragment {found.group(1)!r}; the only fragment a handle takes "
+            "is #sha256=<64 hex digits> (a URL's fragment never reaches the server)",
+            handle=text,
+        )
 
 
 def _parse(text: str) -> ParsedHandle:

@@ -67,6 +67,7 @@ def _not_default(f: dataclasses.Field[Any]) -> Any:
         "offline": True,
         "max_concurrency": 11,
         "max_extract_bytes": 12345,
+        "max_extract_members": 321,
         "lock_stale_after": 42.0,
         "lock_timeout": 17.5,
         "chunk_size": 65536,
