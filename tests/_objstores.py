@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,12 +31,13 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REGION = "us-east-1"
+_HOST = re.compile(rb"(?im)^host:[^\r\n]*")
 
 _MOTO_CHILD = r"""
 import json, sys, urllib.request
@@ -385,3 +387,113 @@ def env_without_cloud() -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("AWS_", "GOOGLE_")) and k != "STORAGE_EMULATOR_HOST"
     }
+
+
+@dataclass
+class HookProxy:
+    """A TCP proxy on 127.0.0.1 that shows each HTTP request line to ``hook`` before the server.
+
+    ``hook`` runs in the proxy's thread with the request line, percent-decoded
+    (``GET /bucket/m/saved_model.pb HTTP/1.1``), before the request is
+    forwarded: it may change the store (upload a new version: a real race,
+    decided on the wire). It returns None to pass the request, or a number of
+    bytes to *stall* it after: that much of its answer (headers included) is
+    forwarded, the rest held back until the client gives up and closes the
+    connection, as a store that stops sending would. ``stalled`` counts those.
+    ``host`` rewrites each request's ``Host`` header (fake-gcs-server answers
+    404 to any host but its ``-public-host``; S3 requests are signed with their
+    Host, so leave it None there).
+    """
+
+    target_port: int
+    hook: Callable[[str], int | None]
+    host: str | None = None
+    stalled: int = 0
+    _sock: socket.socket = field(init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closed: bool = False
+
+    def __post_init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(32)
+        self._sock.settimeout(0.2)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+
+    def __enter__(self) -> HookProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        from urllib.parse import unquote
+
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            client.close()
+            return
+        hold = threading.Event()  # set: this connection's answers are held back
+        room = [0]  # bytes still forwarded before the hold
+
+        def close_both() -> None:
+            for s in (client, upstream):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        def requests() -> None:
+            try:
+                while data := client.recv(65536):
+                    # HTTP/1.1 without pipelining: a request starts a chunk of its own.
+                    head = data.split(b"\r\n", 1)[0].decode("latin-1")
+                    if head.split(" ", 1)[0] in ("GET", "HEAD", "PUT", "POST", "DELETE"):
+                        if self.host is not None:
+                            data = _HOST.sub(b"Host: " + self.host.encode(), data, count=1)
+                        after = self.hook(unquote(head))
+                        if after is not None:
+                            with self._lock:
+                                self.stalled += 1
+                            room[0] = after
+                            hold.set()  # before the server can answer
+                    upstream.sendall(data)
+            except OSError:
+                pass
+            close_both()
+
+        asker = threading.Thread(target=requests, daemon=True)
+        asker.start()
+        try:
+            while data := upstream.recv(65536):
+                if hold.is_set():
+                    data, room[0] = data[: room[0]], max(0, room[0] - len(data))
+                if data:
+                    client.sendall(data)
+        except OSError:
+            pass
+        if hold.is_set():
+            # A server that closes after each answer must not end a stall: the
+            # client is to wait, and give up by itself.
+            asker.join()
+        close_both()
+        for s in (client, upstream):
+            with contextlib.suppress(OSError):
+                s.close()

@@ -259,7 +259,7 @@ async def test_s3_prefix_object_deleted_midway(
     listed = objstore.ObjectPrefix.list
     calls = 0
 
-    async def list_then_delete(self: objstore.ObjectPrefix) -> dict[str, int]:
+    async def list_then_delete(self: objstore.ObjectPrefix) -> objstore.Snapshot:
         nonlocal calls
         calls += 1
         files = await listed(self)

@@ -8,8 +8,9 @@ attempt from the start may fix, any other :class:`HubError` for one it will not.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import HubError, Retry
@@ -24,6 +25,8 @@ class Transfer:
     ``received`` and ``total`` start again with each attempt; ``stalled`` (seconds
     spent waiting on reads or connects that timed out) adds up over the whole
     download, so a server that keeps stalling is given up on in bounded time.
+    A download that reads several streams at once (a prefix's objects) shares
+    one Transfer, and :meth:`stall` counts their overlapping stalls once.
     """
 
     received: int = 0
@@ -33,6 +36,21 @@ class Transfer:
     #: The MD5 the server vouched for (``Content-MD5``, ``x-goog-hash``), checked by
     #: the extraction thread over every byte; set before the first byte is yielded.
     md5: bytes | None = None
+    #: When the latest stall counted by :meth:`stall` ended (``time.monotonic()``).
+    _stall_end: float = field(default=float("-inf"), repr=False, compare=False)
+
+    def stall(self, seconds: float, *, now: float | None = None) -> float:
+        """Count a wait of ``seconds`` without a byte that ended ``now``; the total stalled.
+
+        The budget is time the download spent stalled: waits that overlap one
+        already counted (objects of one prefix stalling at once) add only what
+        lies after it, so eight streams stalled together cost one stall, not eight.
+        """
+        end = time.monotonic() if now is None else now
+        start = max(end - seconds, self._stall_end)
+        self.stalled += max(0.0, end - start)
+        self._stall_end = max(self._stall_end, end)
+        return self.stalled
 
     def restart(self) -> None:
         self.received = 0

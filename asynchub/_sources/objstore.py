@@ -18,6 +18,12 @@ store handle is retried, timed out and given up on exactly as an http one.
 A body cut mid-stream is resumed from the byte it stopped at, with
 ``If-Match`` on the first answer's ETag: an object replaced meanwhile fails
 the precondition and the attempt starts over rather than splicing two versions.
+
+A prefix is copied from one listing: each object's size and ETag as listed
+(:class:`Listed`) go with every GET of it (``If-Match``) and are checked again
+on each answer, since not every store honours the header (fake-gcs-server
+ignores it). Folder markers (``m/``, ``m/variables/``, the zero-byte objects
+consoles write for "create folder") are directories, not files.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import asyncio
 import functools
 import os
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,14 +48,18 @@ from ..errors import DownloadError, HTTPStatusError, HubError, MissingDependency
 from .base import OnResume, Retry, Transfer
 
 __all__ = [
+    "Listed",
     "ObjectPrefix",
     "ObjectSource",
     "ObjectStores",
+    "Snapshot",
     "classify",
     "client_env",
     "describe",
     "import_obstore",
     "put_file",
+    "same_etag",
+    "split_listing",
 ]
 
 #: obstore's ClientConfig keys: read from ``AWS_*``/``GOOGLE_*`` by obstore only when
@@ -231,6 +242,85 @@ async def _list(store: Any, prefix: str) -> list[dict[str, Any]]:
     return list(listing)
 
 
+async def _head(store: Any, path: str) -> Any:
+    obstore = import_obstore()
+    if _on_asyncio():
+        return await obstore.head_async(store, path)
+    return await to_thread.run_sync(
+        functools.partial(obstore.head, store, path), abandon_on_cancel=True
+    )
+
+
+def _etag(value: object) -> str | None:
+    """An ETag without its quotes or weak mark, or None: listings and answers quote differently."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    text = text.removeprefix("W/")
+    return text.strip('"') or None
+
+
+def same_etag(listed: str | None, answered: object) -> bool:
+    """Whether an answer's ETag is the listed one (unknown on either side: nothing to compare)."""
+    now = _etag(answered)
+    return listed is None or now is None or listed == now
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One object as a prefix's listing saw it: what every GET of it must still be."""
+
+    key: str  #: the object's key in its bucket
+    size: int
+    etag: str | None  #: unquoted (:func:`same_etag` compares)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A prefix's listing: its files (relative path -> the object) and its marked directories."""
+
+    files: dict[str, Listed]
+    dirs: frozenset[str]
+
+
+def split_listing(
+    prefix: str, listing: Iterable[Mapping[str, Any]]
+) -> tuple[dict[str, Listed], set[str], dict[str, Listed]]:
+    """A flat listing of ``prefix`` as files, directories, and names only the store can settle.
+
+    obstore lists a folder marker (``m/variables/``) without its ``/``, so it
+    looks like a zero-byte file named ``m/variables``. A zero-byte name is a
+    directory when it is the prefix itself or when other objects lie below it;
+    one with nothing below it (an empty folder, or an empty file) is returned
+    as undecided: a HEAD of the name tells (a marker's real key ends in ``/``).
+    """
+    base = prefix.rstrip("/")
+    entries = []
+    for meta in listing:
+        path = str(meta["path"])
+        if path in (base, prefix) or not path.startswith(prefix):
+            continue  # the prefix's own marker (``m/``)
+        entries.append((path, int(meta["size"]), _etag(meta.get("e_tag"))))
+    parents = set()
+    for path, _, _ in entries:
+        parent = path.rpartition("/")[0]
+        while parent.startswith(prefix) and parent not in parents:
+            parents.add(parent)
+            parent = parent.rpartition("/")[0]
+    files: dict[str, Listed] = {}
+    dirs: set[str] = set()
+    undecided: dict[str, Listed] = {}
+    for path, size, etag in entries:
+        rel = path[len(prefix) :]
+        if size == 0 and path in parents:
+            dirs.add(rel)
+        elif size == 0:
+            undecided[rel] = Listed(path, size, etag)
+        else:
+            files[rel] = Listed(path, size, etag)
+    return files, dirs, undecided
+
+
 async def put_file(store: Any, path: str, file: Path) -> None:
     """Upload ``file`` to ``path`` (multipart for large files, by obstore)."""
     obstore = import_obstore()
@@ -249,9 +339,7 @@ class _Failure:
         self.cut = cut  #: the body broke mid-stream: worth a resume
 
 
-def classify(
-    exc: BaseException, *, handle: str, url: str, received: int, missing_retry: bool = False
-) -> _Failure:
+def classify(exc: BaseException, *, handle: str, url: str, received: int) -> _Failure:
     """The HubError an obstore failure stands for, and whether another attempt may fix it.
 
     A missing object or bucket is a 404, refused credentials a 403 (401 when
@@ -276,7 +364,7 @@ def classify(
             url=url,
             status=404,
         )
-        return _Failure(error, retry=missing_retry)
+        return _Failure(error, retry=False)
     if isinstance(exc, (errors.PermissionDeniedError, errors.UnauthenticatedError)):
         status = 401 if isinstance(exc, errors.UnauthenticatedError) else 403
         scheme = url.split("://", 1)[0]
@@ -335,7 +423,15 @@ def _is_timeout(exc: BaseException) -> bool:
 
 
 class ObjectSource:
-    """One ``s3://``/``gs://`` object's bytes: an archive, or one file of a prefix."""
+    """One ``s3://``/``gs://`` object's bytes: an archive, or one file of a prefix.
+
+    Given ``listed`` (the object as its prefix's listing saw it), every GET
+    carries ``If-Match`` on the listed ETag and every answer must have the
+    listed size and ETag: an object replaced, resized or deleted since the
+    listing is a :class:`Retry` whose error names it, never a mix of versions.
+    Such a stream counts its bytes into the prefix's one Transfer (it leaves
+    ``total`` alone) and draws on its one stall budget.
+    """
 
     retry_truncated = True
 
@@ -348,7 +444,7 @@ class ObjectSource:
         retries: Retries,
         timeouts: Timeouts,
         chunk_size: int,
-        missing_retry: bool = False,
+        listed: Listed | None = None,
     ) -> None:
         scheme, bucket, self._path = split_object_url(url)
         self._store = stores.get(scheme, bucket)
@@ -358,59 +454,60 @@ class ObjectSource:
         self._retries = retries
         self._timeouts = timeouts
         self._chunk_size = chunk_size
-        #: An object missing after its prefix was listed: the prefix changed, start over.
-        self._missing_retry = missing_retry
+        self._listed = listed
 
     async def stream(self, transfer: Transfer, on_resume: OnResume) -> AsyncIterator[bytes]:
         obstore = import_obstore()
         failures = (obstore.exceptions.BaseError, OSError, ValueError, TypeError)
-        etag: str | None = None
+        listed = self._listed
+        etag = listed.etag if listed is not None else None
+        size = listed.size if listed is not None else None
+        done = 0  # bytes of this object yielded: where a resume starts
         resumes = 0
         while True:
             options: dict[str, Any] = {}
-            if transfer.received:
-                options["range"] = {"offset": transfer.received}
-                if etag is not None:
-                    options["if_match"] = etag
+            if done:
+                options["range"] = {"offset": done}
+            if etag is not None and (done or listed is not None):
+                options["if_match"] = etag
             try:
                 result = await _get(self._store, self._path, options)
                 meta = result.meta
-                if transfer.received == 0:
-                    transfer.total = int(meta["size"])
+                if listed is not None:
+                    self._check_listed(meta)
+                elif done == 0:
+                    transfer.total = size = int(meta["size"])
                     transfer.content_type = result.attributes.get("Content-Type")
-                    etag = meta.get("e_tag")
-                elif result.range[0] != transfer.received or meta["size"] != transfer.total:
+                    etag = _etag(meta.get("e_tag"))
+                if done and (
+                    result.range[0] != done
+                    or int(meta["size"]) != size
+                    or not same_etag(etag, meta.get("e_tag"))
+                ):
                     raise Retry(
                         NetworkError(
                             f"{self._handle}: {self.url} would not resume at byte "
-                            f"{transfer.received:,} of the same object; starting again",
+                            f"{done:,} of the same object; starting again",
                             handle=self._handle,
                             url=self.url,
                         )
                     )
                 chunks = result.stream(min_chunk_size=self._chunk_size)
                 while (chunk := await _next(chunks)) is not None:
+                    done += len(chunk)
                     transfer.received += len(chunk)
                     yield chunk
+                if listed is not None and done != listed.size:
+                    raise Retry(self._changed(f"{done:,} bytes arrived, {listed.size:,} listed"))
                 return
             except failures as exc:
-                failure = classify(
-                    exc,
-                    handle=self._handle,
-                    url=self.url,
-                    received=transfer.received,
-                    missing_retry=self._missing_retry,
-                )
+                if listed is not None:
+                    changed = self._changed_by(exc)
+                    if changed is not None:
+                        raise Retry(changed) from exc
+                failure = classify(exc, handle=self._handle, url=self.url, received=done)
                 if _is_timeout(exc):
-                    transfer.stalled += self._timeouts.read
-                    if transfer.stalled >= self._timeouts.stalled:
-                        raise NetworkError(
-                            f"{self._handle}: {self.url} stalled for {transfer.stalled:g}s in "
-                            "all; giving up. Raise timeout=Timeouts(stalled=...) for a very "
-                            "slow store",
-                            handle=self._handle,
-                            url=self.url,
-                        ) from exc
+                    _stall(transfer, self._timeouts, self._handle, self.url, exc)
                 if not failure.retry:
                     raise failure.error from exc
                 if failure.cut and etag is not None and resumes < self._retries.total:
@@ -420,9 +517,62 @@ class ObjectSource:
                     continue
                 raise Retry(failure.error) from exc
 
+    def _check_listed(self, meta: Mapping[str, Any]) -> None:
+        """Refuse an answer that is not the listed object (a store that ignored If-Match)."""
+        assert self._listed is not None
+        listed = self._listed
+        now_size, now_etag = int(meta["size"]), _etag(meta.get("e_tag"))
+        if now_size != listed.size or not same_etag(listed.etag, now_etag):
+            raise Retry(
+                self._changed(
+                    f"listed: {listed.size:,} bytes, ETag {listed.etag}; "
+                    f"now: {now_size:,} bytes, ETag {now_etag}"
+                )
+            )
+
+    def _changed(self, detail: str) -> HubError:
+        return HTTPStatusError(
+            f"{self._handle}: {self.url} changed after the prefix was listed ({detail}); "
+            "a prefix is copied from one listing, so this copy is dropped and a retry "
+            "lists the prefix again",
+            handle=self._handle,
+            url=self.url,
+            status=412,
+        )
+
+    def _changed_by(self, exc: BaseException) -> HubError | None:
+        """The error for a listed object that a GET found replaced (412) or deleted (404)."""
+        errors = import_obstore().exceptions
+        assert self._listed is not None
+        if isinstance(exc, errors.PreconditionError):
+            return self._changed(f"its ETag is no longer {self._listed.etag}")
+        if isinstance(exc, FileNotFoundError):
+            return HTTPStatusError(
+                f"{self._handle}: {self.url}: no such object (404): it was deleted after the "
+                f"prefix was listed; a retry lists the prefix again ({describe(exc)})",
+                handle=self._handle,
+                url=self.url,
+                status=404,
+            )
+        return None
+
+
+def _stall(
+    transfer: Transfer, timeouts: Timeouts, handle: str, url: str, exc: BaseException
+) -> None:
+    """Count a read that timed out against the download's stall budget; past it, give up."""
+    total = transfer.stall(timeouts.read)
+    if total >= timeouts.stalled:
+        raise NetworkError(
+            f"{handle}: {url} stalled for {total:g}s in all; giving up. Raise "
+            "timeout=Timeouts(stalled=...) for a very slow store",
+            handle=handle,
+            url=url,
+        ) from exc
+
 
 class ObjectPrefix:
-    """A prefix holding an unpacked module: list it, then fetch its objects one by one."""
+    """A prefix holding an unpacked module: list it once, then fetch its objects as listed."""
 
     def __init__(
         self,
@@ -444,12 +594,30 @@ class ObjectPrefix:
         self._timeouts = timeouts
         self._chunk_size = chunk_size
 
-    async def list(self) -> dict[str, int]:
-        """Every object below the prefix: its path relative to the prefix, and its size."""
+    async def snapshot(self, transfer: Transfer) -> Snapshot:
+        """:meth:`list`, with a listing that timed out counted in ``transfer``'s stall budget."""
+        try:
+            return await self.list()
+        except Retry as retry:
+            cause = retry.__cause__
+            if cause is not None and _is_timeout(cause):
+                _stall(transfer, self._timeouts, self._handle, self.url, cause)
+            raise
+
+    async def list(self) -> Snapshot:
+        """Every object below the prefix (relative path, size, ETag), and its marked dirs."""
         obstore = import_obstore()
         store = self._stores.get(self._scheme, self._bucket)
         try:
             listing = await _list(store, self._prefix)
+            files, dirs, undecided = split_listing(self._prefix, listing)
+            for rel, listed in undecided.items():
+                try:
+                    await _head(store, listed.key)
+                except FileNotFoundError:
+                    dirs.add(rel)  # only ``<key>/`` exists: an empty folder's marker
+                else:
+                    files[rel] = listed
         except (obstore.exceptions.BaseError, OSError, ValueError, TypeError) as exc:
             failure = classify(exc, handle=self._handle, url=self.url, received=0)
             if "no bucket named" in str(exc) or "NoSuchBucket" in str(exc):
@@ -466,12 +634,6 @@ class ObjectPrefix:
             if failure.retry:
                 raise Retry(failure.error) from exc
             raise failure.error from exc
-        files = {}
-        for meta in listing:
-            path = str(meta["path"])
-            rel = path[len(self._prefix) :] if path.startswith(self._prefix) else path
-            if rel and not rel.endswith("/"):  # "dir/" placeholders some tools write
-                files[rel] = int(meta["size"])
         if not files:
             raise HTTPStatusError(
                 f"{self._handle}: no objects under {self.url} (404); check the handle: an "
@@ -480,15 +642,16 @@ class ObjectPrefix:
                 url=self.url,
                 status=404,
             )
-        return files
+        return Snapshot(files=files, dirs=frozenset(dirs))
 
-    def object(self, rel: str) -> ObjectSource:
+    def object(self, listed: Listed) -> ObjectSource:
+        """The source of one listed object: read only as listed."""
         return ObjectSource(
             self._stores,
-            f"{self._scheme}://{self._bucket}/{self._prefix}{rel}",
+            f"{self._scheme}://{self._bucket}/{listed.key}",
             handle=self._handle,
             retries=self._retries,
             timeouts=self._timeouts,
             chunk_size=self._chunk_size,
-            missing_retry=True,
+            listed=listed,
         )
