@@ -4,10 +4,14 @@ This module is the click group, :func:`main` (the ``asynchub`` script runs it
 through ``asynchub._launch``); the commands live in ``asynchub._cli``. Heavy parts
 (the hub, the server, uvicorn, TensorFlow) are imported inside the commands, so
 ``asynchub --help`` stays fast. Failures exit with status 1 and print a one-line
-``error: ...`` on stderr.
+``error: ...`` on stderr, an OSError too (its own output's included: a closed
+stdout, a broken pipe, a full disk); Ctrl-C exits 130 and SIGTERM 143, after
+removing what a download left half-done.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from .errors import MissingDependencyError
 
@@ -19,12 +23,21 @@ except ImportError as exc:  # pragma: no cover - exercised without the cli extra
     ) from exc
 
 from ._cli import COMMANDS
+from ._cli.common import standard_streams
 from ._version import __version__
 
 __all__ = ["main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The group, run so that every OSError is one ``error:`` line (``standard_streams``)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with standard_streams():
+            return super().main(*args, **kwargs)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, message="%(prog)s %(version)s")
 def main() -> None:
     """Create, host and load TensorFlow Hub-style modules."""

@@ -72,12 +72,18 @@ def fork_workers(config: _config.HubConfig, handles: int, processes: int | None)
 
 
 def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str]:
+    """The handles given, then --from-file's; a HubError if the file cannot be read."""
     out = list(handles)
     if from_file is not None:
-        for line in from_file:
-            text = line.strip()
-            if text and not text.startswith("#"):
-                out.append(text)
+        try:
+            for line in from_file:
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    out.append(text)
+        except OSError as exc:  # e.g. '-' with stdin closed
+            name = getattr(from_file, "name", "--from-file")
+            where = "stdin" if name in (0, "<stdin>", "-") else name
+            raise HubError(f"cannot read handles from {where}: {exc.strerror or exc}") from exc
     return out
 
 
@@ -90,11 +96,13 @@ def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str
 @quiet_option
 @click.option(
     "--lockfile",
-    type=click.Path(dir_okay=False, path_type=Path),
+    # A str, not a Path: '' (turn $ASYNCHUB_LOCKFILE off) must not become '.'.
+    type=click.Path(dir_okay=False),
     default=None,
     help=(
         "Refuse any archive that does not match this lock file (from 'asynchub lock'), "
-        "and any handle it does not list. With no HANDLE, fetch every handle it lists."
+        "and any handle it does not list. With no HANDLE, fetch every handle it lists. "
+        "Default: $ASYNCHUB_LOCKFILE; '' turns that off."
     ),
 )
 @click.option(
@@ -117,7 +125,7 @@ def prefetch_command(
     from_file: IO[str] | None,
     offline: bool,
     quiet: bool,
-    lockfile: Path | None,
+    lockfile: str | None,
     processes: int | None,
     as_json: bool,
 ) -> None:
@@ -131,13 +139,14 @@ def prefetch_command(
     """
     from .._hub import AsyncHub
 
-    wanted = _read_handles(handles, from_file)
-    if not wanted and lockfile is not None:
-        with errors_as_exit():
+    with errors_as_exit():
+        wanted = _read_handles(handles, from_file)
+        if not wanted and lockfile:
             wanted = sorted(read_lock(lockfile))
     if not wanted:
         raise click.UsageError("no handles given (pass HANDLE... or --from-file FILE)")
     with errors_as_exit():
+        # The one config: this process's hub and its workers are made from it as it is.
         config = _config.HubConfig.from_env(
             cache_dir=cache_dir,
             offline=True if offline else None,
@@ -151,13 +160,9 @@ def prefetch_command(
     workers = fork_workers(config, len(set(wanted)), processes)
 
     async def fetch() -> Sequence[Path | HubError]:
-        async with AsyncHub(
-            cache_dir=config.cache_dir,
-            offline=config.offline,
-            max_concurrency=config.max_concurrency,
-            progress=callback,
-            lockfile=config.lockfile,
-        ) as hub:
+        # From the config as it is: keywords would be read again, the environment
+        # filling a None (a lock file turned off with '' would come back).
+        async with AsyncHub.from_config(config, callback) as hub:
             return await hub.prefetch(
                 wanted,
                 return_exceptions=True,
@@ -257,16 +262,34 @@ def resolve_command(
 @cache_dir_option
 @from_file_option
 @quiet_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=(
+        "Write the lock file here instead of stdout: all of it at once (a temp file "
+        "beside it, renamed), and only if every handle was pinned."
+    ),
+)
 def lock_command(
-    handles: tuple[str, ...], cache_dir: Path | None, from_file: IO[str] | None, quiet: bool
+    handles: tuple[str, ...],
+    cache_dir: Path | None,
+    from_file: IO[str] | None,
+    quiet: bool,
+    output: Path | None,
 ) -> None:
     """Print a lock file pinning each HANDLE: its archive's sha256 and size, its content digest.
 
-    Fetches from the origin what the cache does not hold with a digest from the
-    origin (mirrors are not used). Save it (asynchub lock ... > asynchub.lock)
-    and pass it as AsyncHub(lockfile=...) or 'asynchub prefetch --lockfile'.
+    The digests are the origin's, computed while its bytes stream in: what the
+    cache holds without them, or holds from a mirror, is fetched again from the
+    origin (mirrors are not used), and a file changed in the cache since does
+    not change them. Save it with -o asynchub.lock (a shell's '>' leaves an
+    empty file when the command fails) and pass it as AsyncHub(lockfile=...)
+    or 'asynchub prefetch --lockfile'.
     """
     from .._hub import AsyncHub
+    from .._integrity import write_lock
 
     wanted = _read_handles(handles, from_file)
     if not wanted:
@@ -292,7 +315,16 @@ def lock_command(
 
     with errors_as_exit(), showing(display):
         entries = _run_hub_errors(pin)
-    click.echo(lock_text(entries), nl=False)
+    if output is None:
+        click.echo(lock_text(entries), nl=False)
+        return
+    with errors_as_exit():
+        try:
+            write_lock(output, entries)
+        except OSError as exc:
+            raise HubError(
+                f"cannot write the lock file {output}: {exc.strerror or exc}; nothing was written"
+            ) from exc
 
 
 @click.group("mirror")
@@ -312,8 +344,10 @@ def mirror_push(
     """Upload each HANDLE's cached module to MIRROR as <cache key>.tar.gz (packed reproducibly).
 
     MIRROR is s3://bucket[/prefix], gs://bucket[/prefix] or a local directory.
-    HANDLEs are http(s) URLs (mirrors stand in for those); one not cached yet
-    is fetched from its origin first.
+    HANDLEs are http(s) URLs (mirrors stand in for those). What is pushed is
+    the origin's module: a handle not cached from its origin with its digests
+    (or cached from a mirror) is fetched from the origin first, and a cached
+    copy whose files changed since it was fetched is fetched again.
     """
     from .._hub import AsyncHub
     from .._sources import mirrors as _mirrors
@@ -334,9 +368,11 @@ def mirror_push(
 
     async def push() -> list[tuple[str, str]]:
         pushed = []
-        async with AsyncHub(cache_dir=cache_dir, progress=callback, mirrors=[]) as hub:
+        # The origin's bytes only: no mirror, and no lock file from the environment
+        # (consumers check theirs against what is pushed).
+        async with AsyncHub(cache_dir=cache_dir, progress=callback, mirrors=[], lockfile="") as hub:
             for handle in dict.fromkeys(handles):
-                path = await hub.resolve(handle)
+                path, _ = await hub.origin_entry(handle, verify=True)
                 where = await _mirrors.push(mirror, path, key_of(handle), hub.object_stores)
                 pushed.append((handle, where))
         return pushed

@@ -4,9 +4,11 @@ One process is GIL-bound at about 1.6 cores on loopback (docs/design.md,
 "Concurrency and its limit"); ``prefetch(..., processes=N)`` spreads the
 downloads over children running :mod:`.child`, started with the parent's
 ``sys.path`` in its order. The protocol is :mod:`.wire`'s. The child exits
-when stdin is at EOF and its handles are done; SIGINT cancels it (tmp dirs
-and locks are removed on the way out). Its stderr is captured, and its tail
-is quoted if it dies with handles unanswered.
+when it has read the end line and its handles are done; EOF on its stdin
+before that (this process died, or is stopping it) and SIGINT cancel it (tmp
+dirs and locks are removed on the way out), so a child never outlives its
+parent's interest in it. Its stderr is captured, and its tail is quoted if it
+dies with handles unanswered.
 
 A child is started in one of two ways. By default it is a new interpreter
 (``_spawn``): about 0.25 s of start-up and imports each. The command line,
@@ -47,7 +49,7 @@ from .._progress import ProgressEvent, ProgressKind, silent
 from .._store import Store
 from .._types import Handle, ProgressCallback
 from ..errors import HubError
-from .wire import config_line, error_from_json, event_from_json
+from .wire import END_LINE, config_line, error_from_json, event_from_json
 
 __all__ = ["Forked", "HubLike", "adopt", "release", "run"]
 
@@ -397,9 +399,12 @@ async def run(
             # If the child died, its reader reports the handle.
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await child.process.stdin.send((json.dumps(handle) + "\n").encode())
+        # The orderly end. stdin stays open until the child has exited (_stop closes
+        # it), so an EOF before then tells the child this process is gone or stopping it.
         for child in children:
             assert child.process.stdin is not None
-            await child.process.stdin.aclose()
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await child.process.stdin.send(END_LINE)
 
     try:
         with free_send, free_receive:

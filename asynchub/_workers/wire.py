@@ -2,9 +2,12 @@
 
 One JSON value a line, UTF-8:
 
-* parent -> child stdin: first ``{"config": HubConfig.to_json(), "progress": bool}``,
-  then one handle (a string) per line, sent when the child has a free slot; EOF:
-  no more handles.
+* parent -> child stdin: first ``{"config": HubConfig.to_json(), "events": bool}``,
+  then one handle (a string) per line, sent when the child has a free slot, then
+  ``{"end": true}``: no more handles. The parent keeps stdin open until the child
+  has exited, so EOF before the child is done means the parent is gone (killed,
+  or stopping the child): the child stops at once and cleans up. EOF before the
+  config line: a forked child no prefetch took, which exits with nothing to do.
 * child -> parent stdout: ``{"event": kind, "handle", "done", "total", "attempt",
   "path", "error"}`` progress events, and ``{"result": handle, "path": p}`` or
   ``{"result": handle, "error": {"type", "message", "handle", "url", "status"}}``.
@@ -27,13 +30,18 @@ from .._progress import ProgressEvent, ProgressKind
 from ..errors import DownloadError, HTTPStatusError, HubError
 
 __all__ = [
+    "END_LINE",
     "config_line",
     "error_from_json",
     "error_to_json",
     "event_from_json",
     "event_to_json",
+    "is_end",
     "read_config",
 ]
+
+#: The parent's orderly "no more handles", after the last handle line.
+END_LINE = b'{"end": true}\n'
 
 
 def config_line(config: HubConfig, max_concurrency: int, *, events: bool) -> bytes:
@@ -48,6 +56,11 @@ def read_config(line: bytes) -> tuple[HubConfig, bool]:
     """:func:`config_line`'s config and events flag, read back."""
     data = json.loads(line)
     return HubConfig.from_json(data["config"]), bool(data["events"])
+
+
+def is_end(message: object) -> bool:
+    """Whether a line the child read (JSON-decoded) is :data:`END_LINE` rather than a handle."""
+    return isinstance(message, dict) and message.get("end") is True
 
 
 def error_to_json(exc: BaseException) -> dict[str, Any]:
