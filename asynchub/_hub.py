@@ -20,7 +20,7 @@ from ._archive import gzip_backend as find_gzip_backend
 from ._config import RUNTIME_OPTIONS, HubConfig, HubOptions
 from ._fetch import Events, Fetcher
 from ._handles import HandleKind, ParsedHandle, parse
-from ._integrity import LockEntry, Pin, parse_digest, read_lock
+from ._integrity import LockEntry, Pin, parse_digest, pin_of, read_lock, split_fragment
 from ._progress import ProgressKind
 from ._sources import ObjectStores, net
 from ._store import Accept, Record, Store
@@ -221,8 +221,10 @@ class AsyncHub:
         the cache once and reused while complete. ``digest="sha256:<hex>"`` (or
         a ``#sha256=<hex>`` fragment on the handle, or the hub's lock file) pins
         the archive: other bytes raise IntegrityError and nothing is committed,
-        and a cached entry made from other bytes is fetched again. Raises a
-        HubError subclass.
+        and a cached entry made from other bytes is fetched again, into the
+        pin's own entry: a path returned for one pin keeps its bytes whatever
+        is resolved later. With a lock file the digest may also be the lock
+        entry's content digest. Raises a HubError subclass.
         """
         self._check_open()
         parsed = await self._parse(handle)
@@ -295,23 +297,15 @@ class AsyncHub:
         one process can use under the GIL; ``processes="auto"`` starts them
         only when the machine and the batch are large enough to gain from them
         (:func:`asynchub._workers.plan_processes`). Cached handles never start one.
-        ``digests`` maps handles to the ``"sha256:<hex>"`` each must match.
+        ``digests`` maps handles to the ``"sha256:<hex>"`` each must match
+        (a handle with a ``#sha256=`` fragment may be named with or without it).
         """
         from ._prefetch import prefetch
 
         self._check_open()
         if digests:
-            # As #sha256= fragments: stripped before the cache key, checked by
-            # whichever process resolves the handle.
-            pinned = {
-                str(h): f"#sha256={parse_digest(d, handle=str(h))}" for h, d in digests.items()
-            }
-            handles = [
-                f"{os.fspath(h)}{pinned[os.fspath(h)]}"
-                if isinstance(h, (str, os.PathLike)) and os.fspath(h) in pinned
-                else h
-                for h in handles
-            ]
+            pinned = {str(h): parse_digest(d, handle=str(h)) for h, d in digests.items()}
+            handles = [_with_digest(h, pinned) for h in handles]
         return await prefetch(
             self,
             handles,
@@ -348,10 +342,13 @@ class AsyncHub:
         parsed = await self._parse(handle)
         if parsed.kind is HandleKind.DIRECTORY:
             return parsed.path
-        accept = _accept(self._pin(parsed, None))
-        hit = self.store.lookup_inline(parsed.key, parsed.stamp, accept)
+        pin = self._pin(parsed, None)
+        accept, name = _accept(pin), None if pin is None else pin.name
+        hit = self.store.lookup_inline(parsed.key, parsed.stamp, accept, name)
         if hit is None:
-            hit = await to_thread.run_sync(self.store.lookup, parsed.key, parsed.stamp, accept)
+            hit = await to_thread.run_sync(
+                self.store.lookup, parsed.key, parsed.stamp, accept, name
+            )
         return hit
 
     def lookup_blocking(self, handle: Handle) -> Path | None:
@@ -362,18 +359,30 @@ class AsyncHub:
                 parsed = parse(handle)
             if parsed.kind is HandleKind.DIRECTORY:
                 return parsed.path
-            accept = _accept(self._pin(parsed, None))
+            pin = self._pin(parsed, None)
         except HubError:
             return None  # the full path raises it, with the hub's context
-        return self.store.lookup(parsed.key, parsed.stamp, accept)
+        name = None if pin is None else pin.name
+        return self.store.lookup(parsed.key, parsed.stamp, _accept(pin), name)
 
     async def lock_entry(self, handle: Handle) -> LockEntry:
-        """Resolve ``handle`` from its origin and return what a lock file records of it.
+        """What a lock file records of ``handle``: its origin's digests. Used by ``asynchub lock``.
 
-        An entry whose record lacks the archive's digest (tensorflow_hub wrote
-        it) or that came from a mirror (its digest is the mirror's re-pack's) is
-        fetched again from the origin. The content digest is the record's, or
-        else computed from the files now. Used by ``asynchub lock``.
+        See :meth:`origin_entry`.
+        """
+        return (await self.origin_entry(handle))[1]
+
+    async def origin_entry(self, handle: Handle, *, verify: bool = False) -> tuple[Path, LockEntry]:
+        """A cached copy of ``handle`` from its origin, and its digests as a lock file records them.
+
+        The digests are the ones computed while the origin's bytes streamed in,
+        never the files' as they are now. An entry without both (tensorflow_hub
+        wrote it, or it was fetched without file digests) or that came from a
+        mirror (its archive is the mirror's re-pack) is fetched again from the
+        origin, into an entry of its own: the one other callers were handed is
+        left as it is. With ``verify``, the copy's files are hashed too, and a
+        copy changed since it was fetched is fetched again (IntegrityError if
+        that one is changed as well). Used by ``asynchub lock`` and ``mirror push``.
         """
         self._check_open()
         parsed = await self._parse(handle)
@@ -383,31 +392,60 @@ class AsyncHub:
                 handle=parsed.text,
             )
         prefix = parsed.kind is HandleKind.PREFIX
+        pin = self._pin(parsed, None)  # a #sha256= fragment is checked as in resolve
 
         def from_origin(record: Record) -> bool:
-            return record.mirror is None and (prefix or record.sha256 is not None)
+            return (
+                record.mirror is None
+                and record.tree_sha256 is not None
+                and (prefix or record.sha256 is not None)
+                and (pin is None or pin.satisfied_by(record.sha256, record.tree_sha256))
+            )
 
-        await self._single_flight(parsed, self._pin(parsed, None), from_origin)
-        sha256, size, tree = await to_thread.run_sync(self.store.digests, parsed.key, parsed.text)
-        return LockEntry(
+        path = await self._single_flight(parsed, pin, from_origin, file_digests=True)
+        if verify:
+            record = self.store.record(path.name)
+            changed = await to_thread.run_sync(self.store.changed_files, path.name, parsed.text)
+            if changed and record is not None:
+                stamp = record.stamp
+
+                def unchanged(candidate: Record) -> bool:
+                    return from_origin(candidate) and candidate.stamp != stamp
+
+                path = await self._single_flight(parsed, pin, unchanged, file_digests=True)
+                changed = await to_thread.run_sync(self.store.changed_files, path.name, parsed.text)
+            if changed:
+                raise IntegrityError(
+                    f"{parsed.text}: the cached copy {path} has been changed since it was "
+                    f"fetched ({len(changed)} file(s), e.g. {changed[0]}); remove it "
+                    f"('asynchub cache rm {parsed.name}') and try again",
+                    handle=parsed.text,
+                )
+        sha256, size, tree = await to_thread.run_sync(self.store.digests, path.name, parsed.text)
+        if tree is None:  # pragma: no cover - from_origin and file_digests=True see to it
+            raise IntegrityError(f"{parsed.text}: {path} has no content digest", handle=parsed.text)
+        entry = LockEntry(
             handle=parsed.name,
             sha256=None if prefix else sha256,
             size=None if prefix else size,
             tree_sha256=tree,
         )
+        return path, entry
 
     def _pin(self, parsed: ParsedHandle, digest: str | None) -> Pin | None:
         """What the handle's download must match: the argument, the fragment, the lock file.
 
-        Pins that disagree are a HandleError; with a lock file, a handle it does
-        not list is refused (IntegrityError). A prefix has no archive: its pin
-        is the module's content digest.
+        Digests that disagree are a HandleError (a given digest agrees with the
+        lock file's entry when it is either of its digests, see ``pin_of``);
+        with a lock file, a handle it does not list is refused (IntegrityError).
+        A prefix has no archive: its pin is the module's content digest.
         """
-        pins: list[Pin] = []
+        given: list[tuple[str, str]] = []
         if digest is not None:
-            pins.append(Pin(sha256=parse_digest(digest, handle=parsed.text)))
+            given.append((parse_digest(digest, handle=parsed.text), "digest argument"))
         if parsed.digest is not None:
-            pins.append(Pin(sha256=parsed.digest, origin="#sha256= fragment"))
+            given.append((parsed.digest, "#sha256= fragment"))
+        lock: Pin | None = None
         if self._lock is not None:
             assert self.config.lockfile is not None
             entry = self._lock.get(parsed.name)
@@ -418,27 +456,26 @@ class AsyncHub:
                     f"'asynchub lock {parsed.name} ...'",
                     handle=parsed.text,
                 )
-            pins.append(entry.pin(self.config.lockfile))
-        if not pins:
-            return None
-        pin = pins[0]
-        for other in pins[1:]:
-            pin = pin.agree(other, parsed.text)
-        if parsed.kind is HandleKind.PREFIX and pin.tree is None:
-            pin = Pin(tree=pin.sha256, origin=pin.origin)
-        return pin
+            lock = entry.pin(self.config.lockfile)
+        return pin_of(given, lock, prefix=parsed.kind is HandleKind.PREFIX, handle=parsed.text)
 
     async def _single_flight(
-        self, parsed: ParsedHandle, pin: Pin | None = None, accept: Accept | None = None
+        self,
+        parsed: ParsedHandle,
+        pin: Pin | None = None,
+        accept: Accept | None = None,
+        *,
+        file_digests: bool = False,
     ) -> Path:
         # Callers with different pins for one key do not share a result; the
         # store's lock still keeps their downloads apart.
         key = parsed.key if pin is None else f"{parsed.key} {pin}"
         if accept is not None:
             key += f" {id(accept)}"
+        name = None if pin is None else pin.name
         if key not in self._flights:
             # A hit answered on the loop needs no flight for others to wait on.
-            hit = self.store.lookup_inline(parsed.key, parsed.stamp, accept or _accept(pin))
+            hit = self.store.lookup_inline(parsed.key, parsed.stamp, accept or _accept(pin), name)
             if hit is not None:
                 self._emit(ProgressKind.CACHED, parsed, path=hit)
                 return hit
@@ -457,7 +494,7 @@ class AsyncHub:
         flight = _Flight(done=anyio.Event())
         self._flights[key] = flight
         try:
-            flight.path = await self._ensure(parsed, pin, accept)
+            flight.path = await self._ensure(parsed, pin, accept, file_digests=file_digests)
             return flight.path
         except BaseException as exc:
             flight.error = exc
@@ -467,12 +504,20 @@ class AsyncHub:
             flight.done.set()
 
     async def _ensure(
-        self, parsed: ParsedHandle, pin: Pin | None = None, accept: Accept | None = None
+        self,
+        parsed: ParsedHandle,
+        pin: Pin | None = None,
+        accept: Accept | None = None,
+        *,
+        file_digests: bool = False,
     ) -> Path:
         store = self.store
         accept = accept or _accept(pin)
+        # The handle's entry, then the pin's own (where a pinned download goes
+        # when the handle's entry holds other bytes: see Store.commit).
+        name = None if pin is None else pin.name
         # The inline look was _single_flight's; this is the full one, in a thread.
-        hit = await to_thread.run_sync(store.lookup, parsed.key, parsed.stamp, accept)
+        hit = await to_thread.run_sync(store.lookup, parsed.key, parsed.stamp, accept, name)
         if hit is not None:
             self._emit(ProgressKind.CACHED, parsed, path=hit)
             return hit
@@ -490,14 +535,17 @@ class AsyncHub:
             async with (
                 limiter,
                 store.acquire(
-                    parsed.key, handle=parsed.text, source=parsed.stamp, accept=accept
+                    parsed.key,
+                    handle=parsed.text,
+                    source=parsed.stamp,
+                    accept=accept,
+                    pinned=name,
                 ) as claim,
             ):
-                if claim is None:  # another process completed it while we waited
-                    path = store.entry(parsed.key).module_dir
-                    self._emit(ProgressKind.CACHED, parsed, path=path)
-                    return path
-                path = await self._fetcher.download(parsed, claim, pin)
+                if isinstance(claim, Path):  # another process completed it while we waited
+                    self._emit(ProgressKind.CACHED, parsed, path=claim)
+                    return claim
+                path = await self._fetcher.download(parsed, claim, pin, file_digests=file_digests)
         except BaseException as exc:
             self._emit(ProgressKind.FAILED, parsed, error=exc)
             raise
@@ -506,6 +554,30 @@ class AsyncHub:
 
     def _emit(self, kind: ProgressKind, parsed: ParsedHandle, **fields: Any) -> None:
         self._events.emit(kind, parsed, **fields)
+
+
+def _with_digest(handle: Handle, digests: Mapping[str, str]) -> Handle:
+    """``handle`` pinned by its digest in ``digests`` (by its text, or its text less a fragment).
+
+    As a ``#sha256=`` fragment, so whichever process resolves it checks it. A
+    fragment already there with the same digest is left alone; one with
+    another digest stays beside it, and resolving the handle raises the
+    HandleError that says so (``split_fragment``), for this handle alone.
+    """
+    try:
+        text: object = os.fspath(handle)
+    except TypeError:  # not a handle: resolving it says so
+        return handle
+    if not isinstance(text, str):
+        return handle
+    try:
+        base, have = split_fragment(text)
+    except HandleError:
+        base, have = text, None  # resolving it says what is wrong
+    digest = digests.get(text, digests.get(base))
+    if digest is None or digest == have:
+        return handle
+    return f"{text}#sha256={digest}"
 
 
 def _accept(pin: Pin | None) -> Accept | None:

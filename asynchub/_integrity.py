@@ -17,10 +17,13 @@ Two digests describe a module:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ __all__ = [
     "LockEntry",
     "Pin",
     "parse_digest",
+    "pin_of",
     "read_lock",
     "split_fragment",
     "tree_digest",
@@ -63,11 +67,17 @@ def split_fragment(text: str) -> tuple[str, str | None]:
     """``(handle without its #sha256= fragment, the digest)``; the digest is None if there is none.
 
     The fragment is stripped before the cache key is computed, so the key of a
-    pinned handle stays tensorflow_hub's.
+    pinned handle stays tensorflow_hub's. A handle takes one fragment: a
+    second (prefetch's ``digests=`` on a handle pinned already, say) is a
+    HandleError, never part of the cache key.
     """
     base, sep, value = text.rpartition(_FRAGMENT)
     if not sep:
         return text, None
+    if _FRAGMENT in base:
+        raise HandleError(
+            f"{text}: #sha256= is given twice; a handle takes one digest", handle=text
+        )
     return base, parse_digest(value, handle=text)
 
 
@@ -96,14 +106,25 @@ class Pin:
     tree: str | None = None
     origin: str = "digest argument"
 
+    @property
+    def name(self) -> str | None:
+        """The digest that names the pin's own cache entry: the content digest if pinned.
+
+        Every entry committed under this name satisfies every pin of this name
+        (a content pin's downloads are hashed and checked file by file), so a
+        complete one never needs replacing.
+        """
+        return self.tree or self.sha256
+
     def problem(
         self, *, sha256: str | None, size: int | None, tree: str | None, mirror: bool
     ) -> str | None:
         """Why a download does not satisfy the pin, in a phrase; None if it does.
 
         From the origin the archive digest decides (the content digest when
-        that is all the pin has). From a mirror, which holds a re-pack, the
-        content digest decides; a pin without one accepts only the very archive.
+        that is all the pin has), and a content digest computed too must match
+        as well. From a mirror, which holds a re-pack, the content digest
+        decides; a pin without one accepts only the very archive.
         """
         if mirror and self.tree is not None:
             return None if tree == self.tree else f"content {short(tree)} != {short(self.tree)}"
@@ -112,6 +133,10 @@ class Pin:
                 return f"{size:,} bytes, the pin says {self.size:,}"
             if sha256 != self.sha256:
                 return f"archive {short(sha256)} != {short(self.sha256)}"
+            if self.tree is not None and tree is not None and tree != self.tree:
+                # The right archive whose files are not the pinned content: the
+                # lock file contradicts itself. Refused rather than trusted.
+                return f"content {short(tree)} != {short(self.tree)}"
             return None
         if self.tree is not None:
             return None if tree == self.tree else f"content {short(tree)} != {short(self.tree)}"
@@ -124,7 +149,7 @@ class Pin:
         return self.tree is not None and tree == self.tree
 
     def agree(self, other: Pin, handle: str) -> Pin:
-        """Both pins, or HandleError if they name different bytes."""
+        """Both pins, or HandleError if they name different bytes (digests of one type)."""
         for mine, theirs in ((self.sha256, other.sha256), (self.tree, other.tree)):
             if mine is not None and theirs is not None and mine != theirs:
                 raise HandleError(
@@ -138,6 +163,40 @@ class Pin:
             tree=self.tree or other.tree,
             origin=f"{self.origin} and {other.origin}",
         )
+
+
+def pin_of(
+    given: list[tuple[str, str]], lock: Pin | None, *, prefix: bool, handle: str
+) -> Pin | None:
+    """One pin from the digests ``given`` as ``(hex, where from)`` and the lock file's entry.
+
+    A given digest has no type of its own. With a lock entry it must equal one
+    of the entry's two digests, and the pin is the entry's (both digests and
+    the size); alone it pins the archive, or a prefix's content (a prefix has
+    no archive). Digests that disagree are a HandleError.
+    """
+    for (first, origin), (digest, where) in itertools.pairwise(given):
+        if digest != first:
+            raise HandleError(
+                f"{handle}: the {origin} pins {short(first)} but the {where} pins "
+                f"{short(digest)}; give one digest",
+                handle=handle,
+            )
+    if lock is not None:
+        for digest, where in given:
+            if digest not in (lock.sha256, lock.tree):
+                raise HandleError(
+                    f"{handle}: the {where} pins {short(digest)} but the {lock.origin} pins "
+                    f"{short(lock.sha256 or lock.tree)}; give one digest",
+                    handle=handle,
+                )
+        origins = [where for _, where in given] + [lock.origin]
+        return Pin(lock.sha256, lock.size, lock.tree, origin=" and ".join(origins))
+    if not given:
+        return None
+    digest, origin = given[0]
+    origin = " and ".join(where for _, where in given)
+    return Pin(tree=digest, origin=origin) if prefix else Pin(sha256=digest, origin=origin)
 
 
 @dataclass(frozen=True)
@@ -160,7 +219,20 @@ def lock_text(entries: list[LockEntry]) -> str:
 
 
 def write_lock(path: str | os.PathLike[str], entries: list[LockEntry]) -> None:
-    Path(path).write_text(lock_text(entries), encoding="utf-8")
+    """Write a lock file atomically: the whole new file, or the old one (or none) as it was."""
+    target = Path(path)
+    text = lock_text(entries)  # before any file exists: a failure here leaves nothing
+    # Beside the target (one file system, so the rename is atomic), hidden, unique.
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def read_lock(path: str | os.PathLike[str]) -> dict[str, LockEntry]:

@@ -183,19 +183,21 @@ async def test_cached_entry_from_other_bytes_is_not_returned_for_a_pin(
 
 
 @pytest.mark.anyio
-async def test_pinned_resolve_refetches_an_entry_recorded_with_other_bytes(
+async def test_pinned_resolve_of_other_bytes_gets_an_entry_of_its_own(
     server: Server, cache_dir: Path, module: Path, other: Path
 ) -> None:
     first, second = tar_bytes(module), tar_bytes(other)
     url = server.add("/m/1", body=first)
     async with hub(cache_dir) as h:
-        await h.resolve(url)
+        base = await h.resolve(url)
         server.routes["/m/1"].body = second
         path = await h.resolve(url, digest=sha(second))  # the cache holds first: fetch
-        assert tree(path) == tree(other)
+        assert tree(path) == tree(other) and path != base  # the pin's own entry
+        assert await h.resolve(url, digest=sha(first)) == base  # still cached, as it was
         with pytest.raises(IntegrityError):
-            await h.resolve(url, digest=sha(first))  # origin has second now
-    assert tree(cache_dir / cache_key(url)) == tree(other)
+            await h.resolve(url, digest="0" * 64)
+    assert tree(base) == tree(module)  # a path handed out keeps its bytes
+    assert len(server.gets("/m/1")) == 3
     assert [n for n in names(cache_dir) if n.endswith((".tmp", ".lock"))] == []
 
 

@@ -63,19 +63,31 @@ class Fetcher:
         self._archive = ArchiveAttempt(config, store, events)
         self._prefix = PrefixAttempt(config, store, events)
 
-    async def download(self, parsed: ParsedHandle, claim: Claim, pin: Pin | None) -> Path:
+    async def download(
+        self, parsed: ParsedHandle, claim: Claim, pin: Pin | None, *, file_digests: bool = False
+    ) -> Path:
         """Fetch and extract into the claim's download dir, check the pin, commit. Lock held.
 
         An http(s) handle is looked for at each mirror first, one attempt each:
-        a miss or a fault there moves on to the next, and at last to the origin,
-        which gets the configured retries. A mirror's copy that fails the pin
-        is an IntegrityError, unless ``on_mirror_mismatch="origin"``.
+        a miss or a fault there (a broken archive, one without a module at its
+        root) moves on to the next, and at last to the origin, which gets the
+        configured retries. A mirror's copy that fails the pin is an
+        IntegrityError, unless ``on_mirror_mismatch="origin"``. ``file_digests``
+        hashes every file (the content digest) whatever the config says.
+        Returns the committed dir: the claimed entry's, or the pin's own entry
+        when the claimed one holds other bytes (:meth:`Store.commit`).
         """
+        hashed = file_digests or self.config.file_digests
         if parsed.kind is HandleKind.URL:
             for mirror in self.mirrors:
                 try:
                     source = self._mirror_source(parsed, mirror)
-                    manifest = await self._fetch(parsed, claim, source, pin, 1, mirror=mirror)
+                    manifest = await self._fetch(
+                        parsed, claim, source, pin, 1, mirror=mirror, file_digests=hashed
+                    )
+                    # Checked here, not first at commit: a copy packed wrong is a
+                    # fault of this mirror, and the next one or the origin may do.
+                    await to_thread.run_sync(self.store.check_root, claim, parsed.text)
                 except CacheError:
                     raise  # the cache dir, not the mirror: the origin would fail the same way
                 except HubError as exc:  # a miss or a fault: on to the next
@@ -84,23 +96,39 @@ class Fetcher:
                     continue
                 error = _check_pin(parsed, source, manifest, pin, mirror)
                 if error is None:
-                    return await self._commit(parsed, claim, manifest, mirror)
+                    return await self._commit(parsed, claim, manifest, pin, mirror)
                 if self.config.on_mirror_mismatch != "origin":
                     raise error
                 self.events.emit(ProgressKind.RETRYING, parsed, attempt=0, error=error)
         origin = self._source(parsed)
-        manifest = await self._fetch(parsed, claim, origin, pin, self.config.retries.total + 1)
+        manifest = await self._fetch(
+            parsed, claim, origin, pin, self.config.retries.total + 1, file_digests=hashed
+        )
         error = _check_pin(parsed, origin, manifest, pin, None)
         if error is not None:
             raise error
-        return await self._commit(parsed, claim, manifest, None)
+        return await self._commit(parsed, claim, manifest, pin, None)
 
     async def _commit(
-        self, parsed: ParsedHandle, claim: Claim, manifest: Manifest, mirror: str | None
+        self,
+        parsed: ParsedHandle,
+        claim: Claim,
+        manifest: Manifest,
+        pin: Pin | None,
+        mirror: str | None,
     ) -> Path:
+        # The name of the entry this download goes to if the claimed one holds
+        # other bytes: the pin's, else the download's own digest.
+        pinned = pin.name if pin is not None else (manifest.tree_sha256 or manifest.sha256 or None)
         return await to_thread.run_sync(
             functools.partial(
-                self.store.commit, claim, parsed.name, manifest, source=parsed.stamp, mirror=mirror
+                self.store.commit,
+                claim,
+                parsed.name,
+                manifest,
+                source=parsed.stamp,
+                mirror=mirror,
+                pinned=pinned,
             )
         )
 
@@ -113,15 +141,15 @@ class Fetcher:
         attempts: int,
         *,
         mirror: str | None = None,
+        file_digests: bool = False,
     ) -> Manifest:
         """Up to ``attempts`` attempts from one source into the claim's download dir."""
         policy = self.config.retries
         transfer = Transfer()
-        # The content digest needs every file hashed: for a mirror's re-pack checked
-        # against it, for a pin that has nothing else, and when the hub records them.
-        digests = self.config.file_digests or (
-            pin is not None and pin.tree is not None and (mirror is not None or pin.sha256 is None)
-        )
+        # The content digest needs every file hashed: whenever the pin has one (a
+        # mirror's re-pack is checked against it, and a pin's own entry named by
+        # it must hold it, see Pin.name), and when asked for.
+        digests = file_digests or (pin is not None and pin.tree is not None)
         for attempt in range(attempts):
             transfer.restart()
             await to_thread.run_sync(self.store.fresh_tmp, claim, parsed.text)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .._handles import key_of
-from ..errors import CacheError
+from .._integrity import split_fragment
+from ..errors import CacheError, HubError
 from . import layout as cache
 from . import locks
 from .store import Store
@@ -320,8 +321,11 @@ def _find_key(cache_dir: Path, handle_or_key: str) -> str:
     keys = set(_keys(cache_dir))
     if _KEY.match(handle_or_key) and handle_or_key in keys:
         return handle_or_key
+    pinned = _pinned_key(cache_dir, handle_or_key, keys)
+    if pinned is not None:
+        return pinned
     key = key_of(handle_or_key)
-    if key in keys:
+    if key in keys and "#sha256=" not in handle_or_key:
         return key
     # Handles are stored as given; a path may have been given in another spelling.
     for candidate in keys:
@@ -332,6 +336,27 @@ def _find_key(cache_dir: Path, handle_or_key: str) -> str:
         "'asynchub cache ls' lists the handles and keys there",
         handle=handle_or_key,
     )
+
+
+def _pinned_key(cache_dir: Path, text: str, keys: set[str]) -> str | None:
+    """The entry holding the module ``HANDLE#sha256=DIGEST`` names, of the handle's two.
+
+    The handle's own entry if its record holds that digest, else the pin's own
+    entry (``layout.pinned_key``). Never the handle's entry holding other
+    bytes: removing it is not what was asked.
+    """
+    try:
+        base, digest = split_fragment(text)
+    except HubError:
+        return None
+    if digest is None:
+        return None
+    key = key_of(base)
+    for candidate in (key, cache.pinned_key(key, digest)):
+        record = cache.read_manifest(cache.Entry(cache_dir, candidate)) or {}
+        if candidate in keys and digest in (record.get("sha256"), record.get("tree_sha256")):
+            return candidate
+    return None
 
 
 def _entry_parts(entry: cache.Entry, reason: str) -> list[Removal]:

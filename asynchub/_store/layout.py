@@ -9,6 +9,11 @@ one cache::
     <cache>/<key>.<uid>.tmp/        a download in progress
     <cache>/<key>.manifest.json     asynchub's completeness record
 
+A pinned download that finds ``<key>/`` complete with other bytes does not
+replace it (a caller may be reading it): it goes into the pin's own entry,
+an entry like any other under the key :func:`pinned_key` gives, whose record
+names the handle with its ``#sha256=`` fragment.
+
 All functions here block and raise OSError; :mod:`.store` turns that into
 CacheError.
 """
@@ -35,6 +40,7 @@ __all__ = [
     "SourceStamp",
     "has_saved_model",
     "hash_files",
+    "pinned_key",
     "read_manifest",
     "remove_tree",
     "still_complete",
@@ -90,6 +96,16 @@ class Entry:
             for name in names
             if (m := _TMP_DIR.match(name)) is not None and m["key"] == self.key
         ]
+
+
+def pinned_key(key: str, digest: str) -> str:
+    """The key of the entry that holds the module pinned by ``digest`` (hex) for ``key``.
+
+    A 40-hex key like tensorflow_hub's, so every tool that walks the cache
+    (``asynchub cache``, tensorflow_hub's lock and tmp conventions) sees an
+    ordinary entry; derived from the key, not the handle's spelling.
+    """
+    return hashlib.sha1(f"{key}#sha256={digest}".encode()).hexdigest()
 
 
 def tmp_dir_uid(name: str) -> tuple[str, str] | None:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio import to_thread
 
-from .._integrity import tree_digest
 from ..errors import ArchiveError, CacheError, LockTimeoutError
 from . import layout, locks
 from .layout import Entry, Record, SourceStamp
@@ -101,14 +100,26 @@ class Store:
     # -- lookup ----------------------------------------------------------------
 
     def lookup(
-        self, key: str, source: SourceStamp | None = None, accept: Accept | None = None
+        self,
+        key: str,
+        source: SourceStamp | None = None,
+        accept: Accept | None = None,
+        pinned: str | None = None,
     ) -> Path | None:
         """The module dir if the entry is complete (and from ``source``, if given), else None.
 
         ``accept`` may refuse a complete entry's record (one that lacks a pinned
-        digest): that is a miss too, and a download replaces the entry.
-        Blocking. A record verified before is re-checked with one stat per file.
+        digest): that is a miss too. With ``pinned`` (a pin's :attr:`~asynchub.
+        _integrity.Pin.name`), the pin's own entry is looked at next (see
+        :meth:`commit`). Blocking. A record verified before is re-checked with
+        one stat per file.
         """
+        hit = self._lookup(key, source, accept)
+        if hit is None and pinned is not None:
+            hit = self._lookup(layout.pinned_key(key, pinned), source, accept)
+        return hit
+
+    def _lookup(self, key: str, source: SourceStamp | None, accept: Accept | None) -> Path | None:
         entry = self.entry(key)
         record = self._memo.get(key)
         if record is not None and _fits(record, source) and layout.still_complete(entry, record):
@@ -126,13 +137,25 @@ class Store:
         return entry.module_dir if accept is None or accept(record) else None
 
     def lookup_inline(
-        self, key: str, source: SourceStamp | None = None, accept: Accept | None = None
+        self,
+        key: str,
+        source: SourceStamp | None = None,
+        accept: Accept | None = None,
+        pinned: str | None = None,
     ) -> Path | None:
         """A cache hit answered cheaply enough for the event loop, else None (ask lookup).
 
         Only an entry verified before, with a few files, is checked here: a
         stat per file costs less than the hop to a worker thread.
         """
+        hit = self._lookup_inline(key, source, accept)
+        if hit is None and pinned is not None:
+            hit = self._lookup_inline(layout.pinned_key(key, pinned), source, accept)
+        return hit
+
+    def _lookup_inline(
+        self, key: str, source: SourceStamp | None, accept: Accept | None
+    ) -> Path | None:
         record = self._memo.get(key)
         if record is None or record.checks > INLINE_CHECKS or not _fits(record, source):
             return None
@@ -145,24 +168,51 @@ class Store:
         """The verified record of a complete entry (after a lookup), else None."""
         return self._memo.get(key)
 
-    def digests(self, key: str, handle: str) -> tuple[str | None, int | None, str]:
-        """A complete entry's ``(archive sha256, archive bytes, content digest)``.
+    def digests(self, key: str, handle: str) -> tuple[str | None, int | None, str | None]:
+        """A complete entry's recorded ``(archive sha256, archive bytes, content digest)``.
 
-        The content digest is the record's, else computed from the files now
-        (reading every byte once). Blocking; CacheError if the entry is not complete.
+        As recorded when the bytes streamed in, never computed from the files
+        as they are now (they may have been changed since). Blocking;
+        CacheError if the entry is not complete.
         """
         entry = self.entry(key)
         with self.guard(handle, "reading the entry's digests"):
             data = layout.read_manifest(entry) or {}
             record = self._memo.get(key)
             if record is None or not layout.still_complete(entry, record):
-                raise CacheError(f"{handle}: the entry {entry.module_dir} is not complete")
-            tree = data.get("tree_sha256")
-            if not isinstance(tree, str):
-                sums = layout.hash_files(entry, [rel for rel, _ in record.files])
-                tree = tree_digest(dict(record.files), sums)
+                raise CacheError(
+                    f"{handle}: the entry {entry.module_dir} is not complete", handle=handle
+                )
         size = data.get("archive_bytes")
-        return record.sha256, size if isinstance(size, int) else None, tree
+        tree = data.get("tree_sha256")
+        return (
+            record.sha256,
+            size if isinstance(size, int) else None,
+            tree if isinstance(tree, str) else None,
+        )
+
+    def changed_files(self, key: str, handle: str) -> list[str] | None:
+        """Files of an entry whose sha256 is no longer the recorded one; None if none are recorded.
+
+        Reads every byte of the module once. Blocking.
+        """
+        entry = self.entry(key)
+        with self.guard(handle, "hashing the module's files"):
+            data = layout.read_manifest(entry) or {}
+            sums = data.get("file_sha256")
+            if not isinstance(sums, dict):
+                return None
+            changed = []
+            for rel, want in sorted(sums.items()):
+                try:
+                    have = layout.hash_files(entry, [rel])[rel]
+                except FileNotFoundError:
+                    have = None
+                if have != want:
+                    changed.append(rel)
+        if changed:
+            self._memo.pop(key, None)
+        return changed
 
     def ensure_root(self) -> None:
         with self.guard(None, "creating it"):
@@ -178,38 +228,53 @@ class Store:
         handle: str,
         source: SourceStamp | None = None,
         accept: Accept | None = None,
-    ) -> AsyncIterator[Claim | None]:
-        """Hold ``<key>.lock`` for the body: yield a Claim, or None if the entry got complete.
+        pinned: str | None = None,
+    ) -> AsyncIterator[Claim | Path]:
+        """Hold ``<key>.lock`` for the body: yield a Claim, or the module dir if one got complete.
 
         While another process holds the lock, wait, and on every look ask
-        whether the entry is complete by now (then yield None at once) and
+        whether the entry (or with ``pinned`` the pin's own entry, as
+        :meth:`lookup`) is complete by now, then yield its dir at once, and
         whether the lock may be taken over (:func:`.locks.verdict`). On the way
-        out, whatever happened, this process's download dir and lock go.
+        out, whatever happened, this process's download dir and lock go. The
+        one lock of ``key`` also guards the pin's own entries, so one download
+        of a handle runs at a time, whatever its pin.
         """
         entry = self.entry(key)
         uid = uuid.uuid4().hex
         claim = Claim(entry, uid, locks.lock_contents(uid))
-        if not await self._wait_for_lock(claim, handle, source, accept):
-            yield None
+        hit = await self._wait_for_lock(claim, handle, source, accept, pinned)
+        if hit is not None:
+            yield hit
             return
         try:
-            complete = await to_thread.run_sync(self._after_acquire, claim, handle, source, accept)
-            yield None if complete else claim
+            hit = await to_thread.run_sync(
+                self._after_acquire, claim, handle, source, accept, pinned
+            )
+            yield claim if hit is None else hit
         finally:
             with anyio.CancelScope(shield=True):
                 await to_thread.run_sync(self._release, claim)
 
     async def _wait_for_lock(
-        self, claim: Claim, handle: str, source: SourceStamp | None, accept: Accept | None
-    ) -> bool:
+        self,
+        claim: Claim,
+        handle: str,
+        source: SourceStamp | None,
+        accept: Accept | None,
+        pinned: str | None,
+    ) -> Path | None:
+        """None once the lock is ours; the module dir if the entry got complete meanwhile."""
         started = time.monotonic()
         wait = _POLL[0]
         while True:
-            state, why = await to_thread.run_sync(self._poll, claim, handle, source, accept)
+            state, why, hit = await to_thread.run_sync(
+                self._poll, claim, handle, source, accept, pinned
+            )
             if state == "acquired":
-                return True
+                return None
             if state == "complete":
-                return False
+                return hit
             if state == "again":
                 continue  # the lock went, or was taken over: try at once
             timeout = self.lock_timeout
@@ -225,35 +290,46 @@ class Store:
             wait = min(_POLL[1], wait * 2)
 
     def _poll(
-        self, claim: Claim, handle: str, source: SourceStamp | None, accept: Accept | None = None
-    ) -> tuple[str, str]:
-        """One look: ``("acquired" | "complete" | "again" | "wait", why)``."""
+        self,
+        claim: Claim,
+        handle: str,
+        source: SourceStamp | None,
+        accept: Accept | None = None,
+        pinned: str | None = None,
+    ) -> tuple[str, str, Path | None]:
+        """One look: ``("acquired" | "complete" | "again" | "wait", why, the complete dir)``."""
         entry = claim.entry
         with self.guard(handle, "taking the download lock"):
             if locks.try_acquire(entry, claim.contents):
-                return "acquired", ""
-            if self.lookup(entry.key, source, accept) is not None:
-                return "complete", ""
+                return "acquired", "", None
+            hit = self.lookup(entry.key, source, accept, pinned)
+            if hit is not None:
+                return "complete", "", hit
             view = locks.look(entry)
             verdict, why = locks.judge(view, self.stale_after)
             if verdict is locks.Verdict.FREE:
-                return "again", why
+                return "again", why, None
             if verdict.take_over:
                 take_over(entry, view)
-                return "again", why
-            return "wait", why
+                return "again", why, None
+            return "wait", why, None
 
     def _after_acquire(
-        self, claim: Claim, handle: str, source: SourceStamp | None, accept: Accept | None = None
-    ) -> bool:
-        """With the lock held: clear leftovers of earlier holders; True if already complete."""
+        self,
+        claim: Claim,
+        handle: str,
+        source: SourceStamp | None,
+        accept: Accept | None = None,
+        pinned: str | None = None,
+    ) -> Path | None:
+        """With the lock held: clear leftovers of earlier holders; the dir if already complete."""
         with self.guard(handle, "clearing old download dirs"):
             # Only the lock's holder writes a download dir, and the lock is ours:
             # any other dir of this key is a leftover of a holder that died.
             for path in claim.entry.tmp_dirs():
                 if path != claim.tmp:
                     layout.remove_tree(path)
-        return self.lookup(claim.entry.key, source, accept) is not None
+        return self.lookup(claim.entry.key, source, accept, pinned)
 
     def _release(self, claim: Claim) -> None:
         layout.remove_tree(claim.tmp)
@@ -278,6 +354,11 @@ class Store:
             claim.tmp.mkdir()
         return claim.tmp
 
+    def check_root(self, claim: Claim, handle: str) -> None:
+        """Refuse a download whose root is not a module's (ArchiveError), before any commit."""
+        with self.guard(handle, "checking the module's root"):
+            check_module_root(handle, claim.tmp)
+
     def commit(
         self,
         claim: Claim,
@@ -286,16 +367,24 @@ class Store:
         *,
         source: SourceStamp | None = None,
         mirror: str | None = None,
+        pinned: str | None = None,
     ) -> Path:
-        """Make the download dir the entry's module dir, atomically, and record it.
+        """Make the download dir a module dir, atomically, and record it; that dir.
+
+        Into the claimed entry, unless ``pinned`` (the digest naming the
+        download's pin, or its own) is given and that entry is complete: a
+        caller may be reading it, so it is never replaced by other bytes, and
+        the download goes into the pin's own entry (:func:`.layout.pinned_key`)
+        instead, recorded as ``handle#sha256=<pinned>``. If that one is complete
+        already, it is the answer and the download is dropped.
 
         An incomplete module dir in the way is moved aside first (a rename too),
         so a reader sees the old dir, no dir, or the new one: never a mix. The
         record is written last, so an entry without it is incomplete.
         """
-        entry, tmp = claim.entry, claim.tmp
+        entry = claim.entry
         with self.guard(handle, "committing the module"):
-            check_module_root(handle, tmp)
+            check_module_root(handle, claim.tmp)
             if locks.read_lock(entry) != claim.contents:
                 raise CacheError(
                     f"{handle}: another process took over the download lock {entry.lock} "
@@ -303,41 +392,96 @@ class Store:
                     "try again",
                     handle=handle,
                 )
-            layout.write_descriptor(entry, handle)
-            with contextlib.suppress(FileNotFoundError):
-                entry.manifest.unlink()
-            junk: Path | None = None
-            if entry.module_dir.exists():
-                junk = entry.tmp_dir(uuid.uuid4().hex)
-                os.rename(entry.module_dir, junk)
-            try:
-                os.rename(tmp, entry.module_dir)
-            finally:
-                if junk is not None:
-                    layout.remove_tree(junk)
-            layout.write_manifest(
-                entry,
-                handle,
-                manifest.files,
-                manifest.dirs,
-                sha256=manifest.sha256 or None,
-                archive_bytes=manifest.archive_bytes,
-                source=source,
-                tree_sha256=manifest.tree_sha256,
-                file_sha256=manifest.file_sha256,
-                mirror=mirror,
-            )
-        self._memo.pop(entry.key, None)
-        if self.lookup(entry.key, source) is None:
+            if pinned is None or self.lookup(entry.key, source) is None:
+                self._install(claim, entry, handle, manifest, source, mirror)
+                target = entry
+            else:
+                target = self.entry(layout.pinned_key(entry.key, pinned))
+                hit = self.lookup(target.key, source, _names(pinned))
+                if hit is not None:
+                    return hit
+                with _holding(target, claim.contents, handle, self.stale_after):
+                    self._install(
+                        claim, target, f"{handle}#sha256={pinned}", manifest, source, mirror
+                    )
+        self._memo.pop(target.key, None)
+        if self.lookup(target.key, source) is None:
             raise CacheError(
-                f"{handle}: the entry {entry.module_dir} was changed while it was committed",
+                f"{handle}: the entry {target.module_dir} was changed while it was committed",
                 handle=handle,
             )
-        return entry.module_dir
+        return target.module_dir
+
+    def _install(
+        self,
+        claim: Claim,
+        entry: Entry,
+        handle: str,
+        manifest: Manifest,
+        source: SourceStamp | None,
+        mirror: str | None,
+    ) -> None:
+        """Rename the claim's download dir into ``entry`` and write its descriptor and record."""
+        layout.write_descriptor(entry, handle)
+        with contextlib.suppress(FileNotFoundError):
+            entry.manifest.unlink()
+        junk: Path | None = None
+        if entry.module_dir.exists():
+            junk = entry.tmp_dir(uuid.uuid4().hex)
+            os.rename(entry.module_dir, junk)
+        try:
+            os.rename(claim.tmp, entry.module_dir)
+        finally:
+            if junk is not None:
+                layout.remove_tree(junk)
+        layout.write_manifest(
+            entry,
+            handle,
+            manifest.files,
+            manifest.dirs,
+            sha256=manifest.sha256 or None,
+            archive_bytes=manifest.archive_bytes,
+            source=source,
+            tree_sha256=manifest.tree_sha256,
+            file_sha256=manifest.file_sha256,
+            mirror=mirror,
+        )
 
 
 def _fits(record: Record, source: SourceStamp | None) -> bool:
     return source is None or record.source == source
+
+
+def _names(digest: str) -> Accept:
+    """Whether a record holds the module that ``digest`` (either kind) names."""
+    return lambda record: digest in (record.sha256, record.tree_sha256)
+
+
+@contextlib.contextmanager
+def _holding(entry: Entry, contents: str, handle: str, stale_after: float) -> Iterator[None]:
+    """Hold a pin's own entry's lock while committing into it (``cache rm`` takes it too).
+
+    Downloads into it are already kept apart by the handle's own lock; this
+    keeps the cache commands out. A lock left by a dead holder is taken over.
+    """
+    for _ in range(3):
+        if locks.try_acquire(entry, contents):
+            break
+        view = locks.look(entry)
+        verdict, why = locks.judge(view, stale_after)
+        if verdict is not locks.Verdict.FREE and not (verdict.take_over and take_over(entry, view)):
+            raise CacheError(
+                f"{handle}: {entry.lock} is held ({why}), by 'asynchub cache' perhaps; "
+                "nothing was committed, try again",
+                handle=handle,
+            )
+    else:
+        raise CacheError(f"{handle}: could not take {entry.lock}; try again", handle=handle)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            locks.release_lock(entry, contents)
 
 
 def take_over(entry: Entry, view: locks.LockView) -> bool:
