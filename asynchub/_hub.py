@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 import anyio
 import httpx
@@ -46,6 +48,27 @@ if TYPE_CHECKING:
 __all__ = ["AsyncHub"]
 
 _URL_MEMO = 4096  # parsed URL handles kept per hub
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: The hub whose call the running code is part of (a task group's children inherit it).
+_calling: contextvars.ContextVar[AsyncHub | None] = contextvars.ContextVar(
+    "asynchub_calling", default=None
+)
+
+
+def _counted(
+    method: Callable[Concatenate[AsyncHub, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[AsyncHub, P], Coroutine[Any, Any, T]]:
+    """A public call that closing the hub waits for (see :meth:`AsyncHub.aclose`)."""
+
+    async def counted(self: AsyncHub, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        with self._call():
+            return await method(self, *args, **kwargs)
+
+    functools.update_wrapper(counted, method)
+    return counted
 
 
 @dataclass
@@ -121,7 +144,9 @@ class AsyncHub:
         self._fetcher = Fetcher(config, self.store, self.object_stores, self._events)
         self._urls: dict[str, ParsedHandle] = {}
         self._display: ProgressDisplay | None = None
-        self._state = "new"
+        self._state = "new"  # then "open", "closing" (waiting for calls), "closed"
+        self._active = 0  # public calls under way
+        self._idle: anyio.Event | None = None  # set when the last one ends, while closing
 
     @property
     def cache_dir(self) -> Path:
@@ -169,7 +194,15 @@ class AsyncHub:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP connections; the hub cannot be used afterwards."""
+        """Close the HTTP connections; the hub cannot be used afterwards.
+
+        Calls already under way (from other tasks, or from other threads
+        through the sync :class:`Hub`) are let finish first; new ones are refused.
+        """
+        if self._state == "open" and self._active and _calling.get() is not self:
+            self._state = "closing"
+            self._idle = anyio.Event()
+            await self._idle.wait()
         self._state = "closed"
         if self._display is not None:
             display, self._display = self._display, None
@@ -179,6 +212,23 @@ class AsyncHub:
             self._fetcher.client = None
             with anyio.CancelScope(shield=True):
                 await client.aclose()
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """Count a public call while it runs, so that :meth:`aclose` can wait for it."""
+        if _calling.get() is self:  # part of a call already counted (load -> resolve)
+            yield
+            return
+        self._check_open()
+        self._active += 1
+        token = _calling.set(self)
+        try:
+            yield
+        finally:
+            _calling.reset(token)
+            self._active -= 1
+            if not self._active and self._idle is not None:
+                self._idle.set()
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -207,13 +257,15 @@ class AsyncHub:
         return False
 
     def _check_open(self) -> tuple[httpx.AsyncClient, anyio.CapacityLimiter]:
-        if self._state != "open" or self._client is None or self._limiter is None:
-            state = "closed" if self._state == "closed" else "not entered"
+        usable = self._state == "open" or (self._state == "closing" and _calling.get() is self)
+        if not usable or self._client is None or self._limiter is None:
+            state = "not entered" if self._state == "new" else "closed"
             raise HubClosedError(f"this AsyncHub is {state}; use it inside 'async with AsyncHub()'")
         return self._client, self._limiter
 
     # -- resolve ---------------------------------------------------------------
 
+    @_counted
     async def resolve(self, handle: Handle, *, digest: str | None = None) -> Path:
         """Return a local directory holding the complete module for ``handle``.
 
@@ -233,6 +285,7 @@ class AsyncHub:
             return parsed.path
         return await self._single_flight(parsed, self._pin(parsed, digest))
 
+    @_counted
     async def load(
         self,
         handle: Handle,
@@ -277,6 +330,7 @@ class AsyncHub:
         digests: Mapping[str, str] | None = ...,
     ) -> list[Path | HubError]: ...
 
+    @_counted  # type: ignore[misc]  # mypy cannot check a decorated overload implementation
     async def prefetch(
         self,
         handles: Iterable[Handle],
@@ -331,6 +385,7 @@ class AsyncHub:
         parsed = self._parse_url(handle)
         return parsed if parsed is not None else await to_thread.run_sync(parse, handle)
 
+    @_counted
     async def lookup(self, handle: Handle) -> Path | None:
         """The local module directory for ``handle`` if it needs no download, else None.
 
@@ -365,6 +420,7 @@ class AsyncHub:
         name = None if pin is None else pin.name
         return self.store.lookup(parsed.key, parsed.stamp, _accept(pin), name)
 
+    @_counted
     async def lock_entry(self, handle: Handle) -> LockEntry:
         """What a lock file records of ``handle``: its origin's digests. Used by ``asynchub lock``.
 

@@ -14,6 +14,7 @@ one download.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import contextlib
@@ -41,7 +42,7 @@ from anyio.lowlevel import RunVar
 from ._config import ENV_PROGRESS, HubConfig, HubOptions, HubOptionsBase, env_flag
 from ._hub import AsyncHub
 from ._types import Handle, Processes
-from .errors import HubClosedError, HubError
+from .errors import HubClosedError, HubError, cancel_pending
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -174,7 +175,13 @@ class Hub:
                 try:
                     return future.result(timeout=_INTERRUPT_POLL)
                 except concurrent.futures.TimeoutError:
-                    continue
+                    pass
+                if cancel_pending():
+                    # Called from a coroutine (a notebook cell, async code calling sync
+                    # code): asyncio.run turns Ctrl-C into a cancel of the task that is
+                    # blocked here, which it cannot deliver until this call returns.
+                    # Honour it now, as the task's own await would have.
+                    raise asyncio.CancelledError
         except BaseException:
             # KeyboardInterrupt lands here in the caller's thread while the task
             # runs on in the portal's: cancel it and wait for its finally blocks,
@@ -310,9 +317,10 @@ _fork_lock = threading.Lock()
 _inherited: list[object] = []
 
 _default: Hub | None = None
-_default_key: tuple[str, ...] | None = None
+_default_key: tuple[tuple[str, str], ...] | None = None
 _default_lock = threading.Lock()
-_ENV_KEYS = ("TFHUB_CACHE_DIR", "ASYNCHUB_OFFLINE", "TFHUB_DOWNLOAD_PROGRESS")
+#: The environment a hub reads when it is made: every variable of ours.
+_ENV_PREFIXES = ("TFHUB_", "ASYNCHUB_")
 
 
 def _after_fork_in_child() -> None:
@@ -326,8 +334,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _env_key() -> tuple[str, ...]:
-    return tuple(os.environ.get(name, "") for name in _ENV_KEYS)
+def _env_key() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
 
 
 # -- the default hub behind the module-level helpers ------------------------------
@@ -336,9 +344,11 @@ def _env_key() -> tuple[str, ...]:
 def default_hub() -> Hub:
     """The shared Hub of the module-level helpers, configured from the environment.
 
-    It is made on first use and made again when one of the variables it reads
-    has changed since (so ``os.environ["TFHUB_CACHE_DIR"] = ...`` in a notebook
-    takes effect, as it does for tensorflow_hub).
+    It is made on first use and made again when one of the variables a hub
+    reads (``TFHUB_*``, ``ASYNCHUB_*``) has changed since, so
+    ``os.environ["TFHUB_CACHE_DIR"] = ...`` in a notebook takes effect, as it
+    does for tensorflow_hub. The hub it replaces is closed in the background
+    once the calls other threads are making with it have finished.
     """
     global _default, _default_key
     key = _env_key()
@@ -347,8 +357,19 @@ def default_hub() -> Hub:
             return _default
         old, _default, _default_key = _default, Hub(), key
     if old is not None:
-        old.close()
+        threading.Thread(target=old.close, name="asynchub-close-hub", daemon=True).start()
     return _default
+
+
+def _with_default(call: Callable[[Hub], T]) -> T:
+    """``call(default_hub())``, again with the new default if that one was replaced meanwhile."""
+    hub = default_hub()
+    try:
+        return call(hub)
+    except HubClosedError:
+        if hub is _default:
+            raise
+        return call(default_hub())
 
 
 @atexit.register
@@ -360,7 +381,7 @@ def _close_default() -> None:
 
 def resolve(handle: Handle, *, digest: str | None = None) -> Path:
     """Resolve ``handle`` to a local module directory with the default hub."""
-    return default_hub().resolve(handle, digest=digest)
+    return _with_default(lambda hub: hub.resolve(handle, digest=digest))
 
 
 def load(
@@ -371,7 +392,7 @@ def load(
     digest: str | None = None,
 ) -> Module:
     """Resolve and load ``handle`` with the default hub: ``m = hub.load(url); y = m(x)``."""
-    return default_hub().load(handle, tags=tags, options=options, digest=digest)
+    return _with_default(lambda hub: hub.load(handle, tags=tags, options=options, digest=digest))
 
 
 def prefetch(
@@ -383,12 +404,15 @@ def prefetch(
     digests: Mapping[str, str] | None = None,
 ) -> list[Path] | list[Path | HubError]:
     """Resolve many handles at once with the default hub."""
-    return default_hub().prefetch(
-        handles,
-        max_concurrency=max_concurrency,
-        return_exceptions=return_exceptions,
-        processes=processes,
-        digests=digests,
+    handles = list(handles)
+    return _with_default(
+        lambda hub: hub.prefetch(
+            handles,
+            max_concurrency=max_concurrency,
+            return_exceptions=return_exceptions,
+            processes=processes,
+            digests=digests,
+        )
     )
 
 

@@ -27,10 +27,12 @@
 Errors from httpx, tarfile and TensorFlow are wrapped at the boundary with
 ``raise ... from exc``; the original stays available as ``__cause__``.
 
-Two more live here and never reach a user: ``Retry`` (a source's word that a
+Three more live here and never reach a user: ``Retry`` (a source's word that a
 fresh attempt may fix what failed; it carries the HubError raised if none is
-left) and ``ProtocolError`` (a request ``serve --infer`` answers with a status).
-A task group's errors are unwrapped in one way, :func:`leaves` (and :func:`raise_first`).
+left), ``StreamAborted`` (one side of a pipeline stopping because the other
+did) and ``ProtocolError`` (a request ``serve --infer`` answers with a status).
+A task group's errors are unwrapped in one way, :func:`leaves` (and
+:func:`raise_first`, which ranks them so that a cancellation is never lost).
 """
 
 from __future__ import annotations
@@ -220,10 +222,69 @@ def leaves(exc: BaseException, *, cancelled: bool = True) -> list[BaseException]
     return found
 
 
-def raise_first(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Raise, unwrapped, the first error of a task group that is not a cancellation.
+class StreamAborted(Exception):
+    """One side of a pipeline stopped because the other did: an artefact, never an answer.
 
-    A failure on one side cancels the other, so the group holds the real error
-    and perhaps cancellations; a cancellation is raised only if that is all it holds.
+    The extraction thread raises it when the network task left the stream
+    without reaching the end of the body (it failed, or was cancelled): the
+    bytes that did arrive are not an archive that ends there.
     """
-    raise (leaves(group, cancelled=False) or leaves(group))[0]
+
+
+def _artefact(exc: BaseException) -> bool:
+    """A pipeline artefact: one side of a stream noticing that the other side stopped."""
+    import anyio
+
+    return isinstance(
+        exc,
+        (StreamAborted, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream),
+    )
+
+
+def cancel_pending() -> bool:
+    """The calling asyncio task has a cancellation that nobody has taken back.
+
+    asyncio delivers ``task.cancel()`` once (Ctrl-C under ``asyncio.run``,
+    ``asyncio.timeout``, ``wait_for``, a failing ``TaskGroup`` sibling): once it
+    has been raised into a child's code, only the count says it is still
+    wanted. False off asyncio (trio's and anyio's scopes cancel again at the
+    next checkpoint) and before Python 3.11 (no count).
+    """
+    if "asyncio" not in sys.modules:
+        return False
+    import asyncio
+
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0
+
+
+def raise_first(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise, unwrapped, the error of a task group that says what happened; call it on the loop.
+
+    Ranked, so the answer does not depend on which side noticed first: a
+    cancellation of the calling task that is still pending wins (asyncio
+    would not deliver it again); then real errors, in order; then the group's
+    own cancellations; pipeline artefacts (:class:`StreamAborted`, a closed or
+    broken stream) last. A group of artefacts alone on asyncio means its host
+    was cancelled, and the task group dropped that ``CancelledError`` in
+    favour of its children's errors: the cancellation is raised again.
+    """
+    import anyio
+
+    kind = anyio.get_cancelled_exc_class()
+    found = leaves(group)
+    cancels = [e for e in found if isinstance(e, kind)]
+    if cancel_pending():
+        raise cancels[0] if cancels else kind()
+    real = [e for e in found if not isinstance(e, kind) and not _artefact(e)]
+    if real:
+        raise real[0]
+    if cancels:
+        raise cancels[0]
+    if "asyncio" in sys.modules and kind is sys.modules["asyncio"].CancelledError:
+        raise kind()
+    raise found[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import sys
+import threading
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from ..errors import (
     HubError,
     IntegrityError,
     Retry,
+    StreamAborted,
     TruncatedArchiveError,
     raise_first,
 )
@@ -68,13 +70,14 @@ class ArchiveAttempt:
         events = self.events
         send, receive = anyio.create_memory_object_stream[bytes](_STREAM_BUFFER)
         result: list[Manifest] = []
+        complete = threading.Event()  # the producer reached the end of the body
         # A pinned size refuses a wrong archive before its bytes are fetched.
         size = None if pin is None or mirror is not None or pin.sha256 is None else pin.size
 
         async def consume() -> None:
             with receive:
                 manifest = await to_thread.run_sync(
-                    self._extract_blocking, parsed, receive, tmp, transfer, file_digests
+                    self._extract_blocking, parsed, receive, complete, tmp, transfer, file_digests
                 )
             result.append(manifest)
 
@@ -89,7 +92,10 @@ class ArchiveAttempt:
             )
 
         async def produce() -> None:
-            async with send:
+            # The stream is closed whichever way this ends, but only a body that
+            # reached its end marks it complete: the extractor must not take an
+            # aborted producer (a failure, a cancellation) for the end of the archive.
+            with send:
                 body = cast("AsyncGenerator[bytes, None]", source.stream(transfer, on_resume))
                 async with aclosing(body):
                     async for piece in body:
@@ -100,8 +106,12 @@ class ArchiveAttempt:
                                 f"pins an archive of {size:,}); nothing was committed",
                                 handle=parsed.text,
                             )
-                        await send.send(piece)
+                        try:
+                            await send.send(piece)
+                        except anyio.BrokenResourceError:
+                            return  # the extractor stopped: its outcome is the answer
                         events.bytes(parsed, transfer)
+                complete.set()
 
         try:
             try:
@@ -112,9 +122,11 @@ class ArchiveAttempt:
                 raise_first(group)
         except TruncatedArchiveError as exc:
             error = with_handle(exc, parsed, source)
-            if source.retry_truncated:
+            whole = complete.is_set() and transfer.total is not None
+            if source.retry_truncated and not whole:
                 # A body without a length that ends early is a cut connection
-                # that looked like an end: worth a fresh attempt.
+                # that looked like an end: worth a fresh attempt. One that came
+                # whole, as long as announced, would come the same way again.
                 raise Retry(error) from exc
             raise error from exc
         except ArchiveError as exc:
@@ -128,6 +140,7 @@ class ArchiveAttempt:
         self,
         parsed: ParsedHandle,
         receive: MemoryObjectReceiveStream[bytes],
+        complete: threading.Event,
         tmp: Path,
         transfer: Transfer,
         file_digests: bool = False,
@@ -137,6 +150,10 @@ class ArchiveAttempt:
             try:
                 chunks = [await receive.receive()]
             except anyio.EndOfStream:
+                if not complete.is_set():
+                    raise StreamAborted(
+                        "the network task stopped before the end of the body"
+                    ) from None
                 return []
             while True:
                 try:
