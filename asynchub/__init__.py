@@ -8,6 +8,7 @@ from ._version import __version__
 from .errors import (
     ArchiveError,
     CacheError,
+    ConfigError,
     DownloadError,
     HandleError,
     HTTPStatusError,
@@ -63,6 +64,7 @@ __all__ = [
     "ArchiveError",
     "AsyncHub",
     "CacheError",
+    "ConfigError",
     "DownloadError",
     "HTTPStatusError",
     "HandleError",

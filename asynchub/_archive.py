@@ -28,9 +28,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ._config import GZIP_BACKENDS, MAX_EXTRACT_MEMBERS, ConfigError
+from ._config import GZIP_BACKENDS, MAX_EXTRACT_MEMBERS
 from ._integrity import tree_digest
-from .errors import ArchiveError, TruncatedArchiveError, UnsafeArchiveError
+from .errors import ArchiveError, ConfigError, TruncatedArchiveError, UnsafeArchiveError
 
 __all__ = [
     "GZIP_BACKENDS",

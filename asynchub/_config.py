@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 from urllib.parse import urlsplit
 
 from ._types import ProgressCallback
-from .errors import HubError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import httpx
@@ -65,14 +65,6 @@ _MIRROR_FORMS = (
 )
 # RFC 9110's token: what a header name may be made of.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-class ConfigError(HubError, ValueError):
-    """An option or environment variable has a value asynchub cannot use.
-
-    The message names the option or variable, the value, and what is allowed;
-    nothing falls back to a default in silence.
-    """
 
 
 def _refuse(where: str, allowed: str, value: Any) -> ConfigError:

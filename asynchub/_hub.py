@@ -428,6 +428,7 @@ class AsyncHub:
         """
         return (await self.origin_entry(handle))[1]
 
+    @_counted
     async def origin_entry(self, handle: Handle, *, verify: bool = False) -> tuple[Path, LockEntry]:
         """A cached copy of ``handle`` from its origin, and its digests as a lock file records them.
 

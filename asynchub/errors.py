@@ -3,6 +3,8 @@
 ::
 
     HubError
+    ├── ConfigError             an option or environment variable has a value asynchub cannot use
+    │                           (also a ValueError)
     ├── HandleError             the handle is not a form asynchub understands, or does not exist
     ├── DownloadError           fetching the archive failed
     │   ├── HTTPStatusError     the server answered 4xx, or 5xx/429 after every retry
@@ -47,6 +49,7 @@ if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
 __all__ = [
     "ArchiveError",
     "CacheError",
+    "ConfigError",
     "DownloadError",
     "HTTPStatusError",
     "HandleError",
@@ -75,6 +78,14 @@ class HubError(Exception):
     def __init__(self, message: str, *, handle: str | None = None) -> None:
         super().__init__(message)
         self.handle = handle
+
+
+class ConfigError(HubError, ValueError):
+    """An option or environment variable has a value asynchub cannot use.
+
+    The message names the option or variable, the value, and what is allowed;
+    nothing falls back to a default in silence.
+    """
 
 
 class HandleError(HubError, ValueError):
@@ -262,29 +273,34 @@ def cancel_pending() -> bool:
     return cancelling is not None and cancelling() > 0
 
 
-def raise_first(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Raise, unwrapped, the error of a task group that says what happened; call it on the loop.
+async def raise_first(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise, unwrapped, the error of a task group that says what happened.
 
     Ranked, so the answer does not depend on which side noticed first: a
-    cancellation of the calling task that is still pending wins (asyncio
-    would not deliver it again); then real errors, in order; then the group's
-    own cancellations; pipeline artefacts (:class:`StreamAborted`, a closed or
-    broken stream) last. A group of artefacts alone on asyncio means its host
-    was cancelled, and the task group dropped that ``CancelledError`` in
-    favour of its children's errors: the cancellation is raised again.
+    cancellation of the calling task wins (asyncio's one-shot cancel, still
+    pending, would not be delivered again; a cancel scope's is raised afresh
+    here, as the scope expects it); then real errors, in order; then the
+    group's own cancellations; pipeline artefacts (:class:`StreamAborted`, a
+    closed or broken stream) last. A group of artefacts alone means its host
+    was cancelled and the task group dropped that cancellation in favour of
+    its children's errors (anyio's does, on asyncio): it is raised again.
     """
     import anyio
 
     kind = anyio.get_cancelled_exc_class()
     found = leaves(group)
     cancels = [e for e in found if isinstance(e, kind)]
-    if cancel_pending():
-        raise cancels[0] if cancels else kind()
     real = [e for e in found if not isinstance(e, kind) and not _artefact(e)]
+    # An enclosing cancel scope (anyio's, trio's) that was cancelled raises here.
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    if cancel_pending() or (not real and _on_asyncio(kind)):
+        raise cancels[0] if cancels else kind()
     if real:
         raise real[0]
     if cancels:
         raise cancels[0]
-    if "asyncio" in sys.modules and kind is sys.modules["asyncio"].CancelledError:
-        raise kind()
     raise found[0]
+
+
+def _on_asyncio(kind: type[BaseException]) -> bool:
+    return "asyncio" in sys.modules and kind is sys.modules["asyncio"].CancelledError

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 import asynchub
-from asynchub import AsyncHub, HandleError, Hub, HubError, Retries, Timeouts
-from asynchub._config import ConfigError, HubConfig
+from asynchub import AsyncHub, ConfigError, HandleError, Hub, HubError, Retries, Timeouts
+from asynchub._config import HubConfig
 from asynchub._handles import parse
 from tests._archives import make_module, tar_bytes
 from tests._httpserver import Server

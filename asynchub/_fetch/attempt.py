@@ -119,7 +119,7 @@ class ArchiveAttempt:
                     tg.start_soon(consume)
                     await produce()
             except BaseExceptionGroup as group:
-                raise_first(group)
+                await raise_first(group)
         except TruncatedArchiveError as exc:
             error = with_handle(exc, parsed, source)
             whole = complete.is_set() and transfer.total is not None
@@ -184,6 +184,7 @@ class ArchiveAttempt:
                 pull,
                 tmp,
                 limit=self.config.max_extract_bytes,
+                max_members=self.config.max_extract_members,
                 content_type=lambda: transfer.content_type,
                 backend=self.config.gzip_backend,
                 file_digests=file_digests,

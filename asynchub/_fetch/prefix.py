@@ -83,7 +83,7 @@ class PrefixAttempt:
                 for rel in manifest.files:
                     tg.start_soon(fetch, rel)
         except BaseExceptionGroup as group:
-            raise_first(group)
+            await raise_first(group)
         manifest.file_sha256 = sums
         self.events.emit(
             ProgressKind.EXTRACTING, parsed, done=transfer.received, total=transfer.total
