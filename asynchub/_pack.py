@@ -131,6 +131,9 @@ def pack(src_dir: str | os.PathLike[str], dst_file: str | os.PathLike[str]) -> P
     dst = Path(dst_file).absolute()
     if dst.is_dir():
         raise ModuleError(f"{dst} is a directory; pass the archive's file name")
+    if dst.exists() and not dst.is_file():
+        # The rename would replace a device (/dev/full), a fifo or a socket with the archive.
+        raise ModuleError(f"{dst} is not a regular file; pass a new path or a file to replace")
     if dst.parent.resolve().is_relative_to(src):
         # The half-written archive would be walked into itself.
         raise ModuleError(f"cannot write the archive {dst} inside the module directory {src}")

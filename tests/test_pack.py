@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -200,6 +201,19 @@ def test_cli_pack_failure_is_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1
     assert "saved_model.pb" in lines[0]
     assert not (tmp_path / "out.tar.gz").exists()
+
+
+def test_pack_never_replaces_a_device_or_fifo(tmp_path: Path) -> None:
+    src = make_module(tmp_path / "m")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ModuleError, match="not a regular file"):
+        pack(src, fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    result = run_cli("pack", str(src), str(fifo))  # like /dev/full: a rename replaced it
+    assert result.returncode == 1 and "not a regular file" in result.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_cli_help() -> None:
