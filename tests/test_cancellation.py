@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 import asynchub
@@ -141,6 +142,37 @@ def test_a_cancelled_task_is_cancelled_not_answered(stalling: str, cache_dir: Pa
             assert task.cancelled()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+    assert leftovers(cache_dir) == []
+
+
+def test_one_cancel_stops_a_prefetch_with_worker_processes(
+    server: Server, cache_dir: Path, tmp_path: Path
+) -> None:
+    body = tar_bytes(make_module(tmp_path / "w", weights=400_000))
+    urls = [
+        server.add(f"/w{i}", body=body, chunk=16 * 1024, stall_at=64 * 1024, stall_for=60)
+        for i in range(2)
+    ]
+    took: list[float] = []
+
+    async def main() -> None:
+        async with _hub(cache_dir) as hub:
+            task = asyncio.create_task(hub.prefetch(urls, processes=2))
+            deadline = time.monotonic() + 60
+            while not all(server.gets(f"/w{i}") for i in range(2)):
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            assert psutil.Process().children()  # the downloads run in worker processes
+            task.cancel()
+            t0 = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            took.append(time.monotonic() - t0)
+
+    asyncio.run(main())
+    assert took[0] < STOP_WITHIN + 10  # the workers' clean-up, then their exit
+    assert psutil.Process().children(recursive=True) == []
     assert leftovers(cache_dir) == []
 
 
