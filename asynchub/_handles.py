@@ -34,6 +34,7 @@ __all__ = [
     "ParsedHandle",
     "cache_key",
     "compressed_url",
+    "kaggle_url",
     "key_of",
     "parse",
     "split_object_url",
@@ -50,8 +51,12 @@ _OBJECT_FRAGMENT = re.compile(r"#([A-Za-z][A-Za-z0-9_.-]*=.*)$", re.DOTALL)
 
 _FORMS = (
     "a local module directory, a local .tar/.tar.gz/.tgz archive (path or file:// URL), "
-    "an http(s):// URL, or an s3:// or gs:// archive object (…/m.tar.gz) or prefix (…/dir/)"
+    "an http(s):// URL, a kaggle://OWNER/MODEL/FRAMEWORK/VARIATION/VERSION handle, "
+    "or an s3:// or gs:// archive object (…/m.tar.gz) or prefix (…/dir/)"
 )
+#: Where a ``kaggle://`` handle's module is published: Kaggle Models, as tensorflow_hub fetches it.
+KAGGLE_MODELS = "https://www.kaggle.com/models/"
+_KAGGLE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 OBJECT_SCHEMES = ("s3", "gs")
 # S3's and GCS's bucket rules, loosely: lower-case letters, digits, dots, dashes, underscores.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -84,7 +89,10 @@ class ParsedHandle:
 
     @property
     def name(self) -> str:
-        """The handle that names the cache entry: as given, less a ``#sha256=`` fragment."""
+        """The handle that names the cache entry: as given, less a ``#sha256=`` fragment.
+
+        A ``kaggle://`` handle's is its Kaggle Models URL, so both forms are one entry.
+        """
         return self.text if self.base is None else self.base
 
     @functools.cached_property
@@ -160,7 +168,7 @@ def parse(handle: Handle) -> ParsedHandle:
                 "(used in place, never fetched)",
                 handle=text,
             )
-        return dataclasses.replace(parsed, text=text, digest=digest, base=base)
+        return dataclasses.replace(parsed, text=text, digest=digest, base=parsed.name)
     parsed = _parse(text)
     _check_fragment(parsed, text)
     return parsed
@@ -195,6 +203,9 @@ def _parse(text: str) -> ParsedHandle:
     lower = text.lower()
     if lower.startswith(("http://", "https://")):
         return ParsedHandle(text, HandleKind.URL, url=_checked_url(text))
+    if lower.startswith("kaggle://"):
+        url = kaggle_url(text)
+        return ParsedHandle(text, HandleKind.URL, url=_checked_url(url), base=url)
     if lower.startswith(("s3://", "gs://")):
         return _object(text)
     if lower.startswith("file://"):
@@ -216,6 +227,32 @@ def _parse(text: str) -> ParsedHandle:
             f"unsupported scheme {scheme!r} in handle {text!r}; expected {_FORMS}", handle=text
         )
     return _local(text, Path(text).expanduser(), must_be_archive=False)
+
+
+def kaggle_url(handle: str) -> str:
+    """The Kaggle Models URL of ``kaggle://OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]``.
+
+    keras_hub's form; the URL is the one tensorflow_hub and a browser use
+    (``https://www.kaggle.com/models/google/mobilenet-v2/TensorFlow2/100-224-classification/2``),
+    so the handle shares its cache entry, and a lock file's or a mirror's,
+    with that URL. Without a version the server picks the latest, once.
+    """
+    rest = handle.partition("://")[2]
+    parts = rest.split("/")
+    if rest.endswith("/"):
+        parts = parts[:-1]
+    expected = "expected kaggle://OWNER/MODEL/FRAMEWORK/VARIATION/VERSION"
+    if len(parts) not in (4, 5) or not all(_KAGGLE_SEGMENT.match(p) for p in parts):
+        raise HandleError(
+            f"{handle!r} is not a Kaggle Models handle; {expected} "
+            "(letters, digits, '.', '_', '-' in each part)",
+            handle=handle,
+        )
+    if len(parts) == 5 and not (parts[4].isascii() and parts[4].isdigit()):
+        raise HandleError(
+            f"{handle!r}: the version {parts[4]!r} is not a number; {expected}", handle=handle
+        )
+    return KAGGLE_MODELS + "/".join(parts)
 
 
 def split_object_url(url: str) -> tuple[str, str, str]:
