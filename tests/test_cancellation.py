@@ -33,6 +33,7 @@ import asynchub
 from asynchub import AsyncHub, Retries
 from tests._archives import make_module, tar_bytes
 from tests._httpserver import Server
+from tests._objstores import HookProxy, S3Server
 
 if sys.version_info < (3, 11):  # asyncio.timeout and asyncio.TaskGroup are 3.11's
     pytest.skip("asyncio's one-shot cancellations of 3.11", allow_module_level=True)
@@ -173,6 +174,39 @@ def test_one_cancel_stops_a_prefetch_with_worker_processes(
     asyncio.run(main())
     assert took[0] < STOP_WITHIN + 10  # the workers' clean-up, then their exit
     assert psutil.Process().children(recursive=True) == []
+    assert leftovers(cache_dir) == []
+
+
+@pytest.mark.parametrize("kind", ["object", "prefix"])
+def test_asyncio_timeout_stops_an_s3_download(
+    kind: str, s3: S3Server, cache_dir: Path, tmp_path: Path
+) -> None:
+    module = make_module(tmp_path / "s3m", weights=400_000)
+    bucket = s3.bucket()
+    if kind == "object":
+        handle = s3.put(bucket, "m.tar.gz", tar_bytes(module))
+    else:
+        handle = s3.put_tree(bucket, "m/", module)
+    port = int(s3.endpoint.rsplit(":", 1)[1])
+
+    def stall(line: str) -> int | None:  # the big object's answer stops after 64 KiB
+        method, target = line.split(" ")[:2]
+        big = target.endswith(("m.tar.gz", "variables.data-00000-of-00001"))
+        return 64 * 1024 if method == "GET" and big else None
+
+    async def main() -> None:
+        async with AsyncHub(
+            cache_dir=cache_dir, retries=FAST, s3_options={"endpoint": proxy.url}
+        ) as hub:
+            async with asyncio.timeout(0.5):
+                await hub.resolve(handle)
+
+    with HookProxy(port, stall) as proxy:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            asyncio.run(main())
+        assert time.monotonic() - t0 < 0.5 + STOP_WITHIN
+        assert proxy.stalled >= 1
     assert leftovers(cache_dir) == []
 
 
