@@ -4,7 +4,9 @@ A :class:`Module` works out once per signature (lazily, on first use) everything
 that does not change between calls: which function to call, the input names and
 their order, the dtypes, which output to return. Each call then only checks that
 its inputs fit that plan. Inputs that are eager tensors of a dtype and shape seen
-before go straight to the concrete function's flat-argument entry point; anything
+before go straight to the concrete function's flat-argument entry point; so do
+host values (numpy arrays and scalars, lists, Python numbers), converted once to
+the input's dtype, when the tensor they make has a shape seen before. Anything
 else takes the general path, which converts and validates the inputs, and whose
 first success for a given shape teaches the fast path that shape.
 
@@ -22,11 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio.lowlevel
-import anyio.to_thread
-
-from ._batching import Batched, Binder, loop_threads
-from ._tf import import_tensorflow
+from ._batching import Batched, Binder, in_thread
+from ._tf import host_converter, host_types, import_tensorflow
 from .errors import ModuleError, SignatureError
 
 if TYPE_CHECKING:
@@ -253,6 +252,8 @@ class _SignaturePlan:
         self._names = info.input_names
         self._output = default_output(info.output_names)
         self._eager = _eager_tensor_type(tf)
+        self._host = host_types()
+        self._to_tensor = host_converter(tf)
         dense = all(isinstance(s, tf.TensorSpec) for s in self._specs.values())
         self._flat = _flat_caller(fn) if dense and self._eager is not None else None
         self._order: tuple[str, ...] | None = None
@@ -267,21 +268,34 @@ class _SignaturePlan:
             raise self._ambiguous_output()
         fast, flat_call, eager = self._fast, self._flat, self._eager
         if fast and flat_call is not None and not kwargs:
-            if type(inputs) is eager:
+            kind = type(inputs)
+            if kind is eager:
                 if len(fast) == 1:
                     _, dtype, seen = fast[0]
                     if inputs.dtype is dtype and inputs._shape_tuple() in seen:
                         result = flat_call([inputs])
                         return result if as_dict else result[output]
-            elif type(inputs) is dict and len(inputs) == len(fast):
+            elif kind in self._host:
+                if len(fast) == 1:
+                    _, dtype, seen = fast[0]
+                    tensor = self._host_tensor(inputs, dtype)
+                    if tensor is not None:
+                        if tensor._shape_tuple() in seen:
+                            result = flat_call([tensor])
+                            return result if as_dict else result[output]
+                        # The general path would convert it the same way: once is enough.
+                        inputs = tensor
+            elif kind is dict and len(inputs) == len(fast):
                 args = []
                 for name, dtype, seen in fast:
                     value: Any = inputs.get(name)
-                    if (
-                        type(value) is not eager
-                        or value.dtype is not dtype
-                        or value._shape_tuple() not in seen
-                    ):
+                    if type(value) is not eager:
+                        if type(value) not in self._host:
+                            break
+                        value = self._host_tensor(value, dtype)
+                        if value is None:
+                            break
+                    if value.dtype is not dtype or value._shape_tuple() not in seen:
                         break
                     args.append(value)
                 else:
@@ -289,6 +303,15 @@ class _SignaturePlan:
                     return result if as_dict else result[output]
         result = self._call_general(inputs, kwargs)
         return result if as_dict else result[output]
+
+    def _host_tensor(self, value: Any, dtype: Any) -> Any:
+        """``value`` (a host value) as an eager tensor of ``dtype``, or ``None`` if the
+        general path must decide (not executing eagerly, or the conversion fails: the
+        general path converts again and raises the error a user should see)."""
+        try:
+            return self._to_tensor(value, dtype)
+        except Exception:  # the general path raises the SignatureError for it
+            return None
 
     def _call_general(self, inputs: Any, kwargs: dict[str, Any]) -> Any:
         tensors = self._bind(inputs, kwargs)
@@ -400,6 +423,8 @@ class _CallablePlan:
         self._obj = obj
         self._handle = handle
         self._eager = _eager_tensor_type(tf)
+        self._host = host_types()
+        self._to_tensor = host_converter(tf)
         function = getattr(obj, "__call__", None)  # noqa: B004 - we want the restored tf.function
         usable = (
             self._eager is not None
@@ -413,6 +438,15 @@ class _CallablePlan:
         self._cache: dict[Hashable, _FlatCall | None] = {}
 
     def __call__(self, inputs: Any, as_dict: bool, kwargs: dict[str, Any]) -> Any:
+        if self._dtype is not None and type(inputs) in self._host:
+            # The general path would convert it to this dtype too: once is enough, and
+            # the tensor may then take the flat call below.
+            try:
+                tensor = self._to_tensor(inputs, self._dtype)
+            except Exception:  # the general path raises the SignatureError for it
+                tensor = None
+            if tensor is not None:
+                inputs = tensor
         if type(inputs) is self._eager:
             key = (
                 (inputs.dtype, inputs._shape_tuple(), ())
@@ -552,11 +586,42 @@ def _require_batch_dimension(where: str, name: str, spec: Any, handle: str) -> N
         )
 
 
+class _HostArrays:
+    """The numpy arrays a binder has seen bind: ``(dtype, shape)`` to the request's key.
+
+    Only arrays already of the input's own dtype are remembered, so that a batch of
+    them joins into one array that converts without a cast, exactly as each would.
+    """
+
+    __slots__ = ("dtype", "kind", "seen")
+
+    def __init__(self, dtype: Any) -> None:
+        import numpy as np
+
+        numpy_dtype = getattr(dtype, "as_numpy_dtype", None)
+        usable = numpy_dtype is not None and np.dtype(numpy_dtype).kind in "biufc"
+        #: ``np.ndarray``, or ``None`` when the input's dtype has no plain numpy twin.
+        self.kind: type | None = np.ndarray if usable else None
+        self.dtype = np.dtype(numpy_dtype) if usable else None
+        self.seen: dict[tuple[Any, tuple[int, ...]], Hashable] = {}
+
+    def remember(self, inputs: Any, key: Hashable) -> None:
+        """Note that arrays like ``inputs`` (if it is one of the input's dtype) bind to ``key``."""
+        if self.kind is None or type(inputs) is not self.kind or len(self.seen) >= _BINDER_LIMIT:
+            return
+        array: Any = inputs
+        if array.dtype == self.dtype:
+            self.seen[(array.dtype, array.shape)] = key
+
+
 class _SignatureBinder:
     """Binds one request of ``m.batched(signature=...)``: checks, converts, finds its group.
 
     The checks are the plan's own, so a request fails exactly as ``m(x)`` would;
-    inputs seen to pass once (an eager tensor of a known dtype and shape) skip them.
+    inputs seen to pass once (an eager tensor of a known dtype and shape, or a numpy
+    array of a known shape already of the input's dtype) skip them. A numpy array is
+    passed on as it is, so that a batch of them is joined with numpy and converted
+    once, by the call.
     """
 
     def __init__(self, plan: _SignaturePlan) -> None:
@@ -576,13 +641,21 @@ class _SignatureBinder:
         self._single = len(plan._names) == 1
         self._eager = plan._eager
         self._seen: dict[tuple[Any, tuple[int, ...]], Hashable] = {}
+        self._host = _HostArrays(plan._specs[plan._names[0]].dtype)
 
     def __call__(self, inputs: Any) -> tuple[Hashable | None, int, Any]:
-        if self._single and type(inputs) is self._eager:
-            shape = inputs._shape_tuple()
-            key = self._seen.get((inputs.dtype, shape))
-            if key is not None:
-                return key, shape[0], inputs
+        if self._single:
+            kind = type(inputs)
+            if kind is self._eager:
+                shape = inputs._shape_tuple()
+                key = self._seen.get((inputs.dtype, shape))
+                if key is not None:
+                    return key, shape[0], inputs
+            elif kind is self._host.kind:
+                shape = inputs.shape
+                key = self._host.seen.get((inputs.dtype, shape))
+                if key is not None:
+                    return key, shape[0], inputs
         tensors = self._plan._bind(inputs, {})
         shapes = [tuple(tensors[name].shape.as_list()) for name in self._names]
         rows = {shape[0] for shape in shapes}
@@ -596,6 +669,7 @@ class _SignatureBinder:
         first = tensors[self._names[0]]
         if self._single and type(first) is self._eager and len(self._seen) < _BINDER_LIMIT:
             self._seen[(first.dtype, shapes[0])] = key
+            self._host.remember(inputs, key)
         return key, shapes[0][0], payload
 
 
@@ -629,11 +703,18 @@ class _CallableBinder:
         self._specs = tuple(specs)
         self._eager = plan._eager
         self._seen: dict[tuple[Any, tuple[int, ...]], Hashable] = {}
+        self._host = _HostArrays(plan._dtype)
 
     def __call__(self, inputs: Any) -> tuple[Hashable | None, int, Any]:
-        if type(inputs) is self._eager:
+        kind = type(inputs)
+        if kind is self._eager:
             shape = inputs._shape_tuple()
             key = self._seen.get((inputs.dtype, shape))
+            if key is not None:
+                return key, shape[0], inputs
+        elif kind is self._host.kind:
+            shape = inputs.shape
+            key = self._host.seen.get((inputs.dtype, shape))
             if key is not None:
                 return key, shape[0], inputs
         tf, plan = self._tf, self._plan
@@ -668,7 +749,25 @@ class _CallableBinder:
         key = (tensor.dtype, shape[1:])
         if type(tensor) is self._eager and len(self._seen) < _BINDER_LIMIT:
             self._seen[(tensor.dtype, shape)] = key
+            self._host.remember(inputs, key)
         return key, shape[0], tensor
+
+
+def _numpy_outputs(tf: Any) -> Callable[[Any], Any]:
+    """A function giving a call's result with each tensor in it as a numpy array."""
+    is_tensor, map_structure = tf.is_tensor, tf.nest.map_structure
+
+    def host(value: Any) -> Any:
+        return value.numpy() if is_tensor(value) else value
+
+    def to_numpy(result: Any) -> Any:
+        if is_tensor(result):
+            return result.numpy()
+        if type(result) is dict:
+            return {name: host(value) for name, value in result.items()}
+        return map_structure(host, result)
+
+    return to_numpy
 
 
 # --- the module -----------------------------------------------------------------------
@@ -739,11 +838,7 @@ class Module:
         call = functools.partial(self.__call__, inputs, signature=signature, as_dict=as_dict)
         if kwargs:
             call = functools.partial(call, **kwargs)
-        result = await anyio.to_thread.run_sync(call, limiter=loop_threads(self))
-        # The thread ran to its end even if the caller was cancelled meanwhile; the
-        # cancellation still wins over the result.
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        return result
+        return await in_thread(self, call)
 
     def batched(
         self,
@@ -753,6 +848,7 @@ class Module:
         max_delay: float = 0.002,
         max_queue: int | None = None,
         as_dict: bool = False,
+        as_numpy: bool = False,
     ) -> Batched:
         """An async callable that joins concurrent requests into one call of the module.
 
@@ -763,6 +859,9 @@ class Module:
         dtypes and non-batch shapes agree; a bigger request runs alone. With
         ``max_queue``, a request that finds that many rows already waiting fails at
         once with :class:`~asynchub._batching.QueueFullError`; without, it waits.
+        ``as_numpy=True`` returns numpy arrays (what ``.numpy()`` of the tensors gives),
+        taken from the batch's output once and cut into views: for code that goes on
+        in numpy, such as a server encoding its answers.
 
         The same arguments give the same batcher. Raises :class:`SignatureError` if
         the signature (or callable object) has an input without a leading batch
@@ -780,7 +879,7 @@ class Module:
             isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1
         ):
             raise ValueError(f"max_queue must be None or an int >= 1, got {max_queue!r}")
-        key = (signature, as_dict, max_batch_size, float(max_delay), max_queue)
+        key = (signature, as_dict, as_numpy, max_batch_size, float(max_delay), max_queue)
         batcher = self._batchers.get(key)
         if batcher is not None:
             return batcher
@@ -795,8 +894,11 @@ class Module:
         else:  # pragma: no cover - every plan is one of the two
             raise TypeError(f"unexpected plan {plan!r}")
 
+        to_numpy = _numpy_outputs(self._tf) if as_numpy else None
+
         def call(payload: Any) -> Any:
-            return plan(payload, as_dict, {})
+            result = plan(payload, as_dict, {})
+            return result if to_numpy is None else to_numpy(result)
 
         batcher = Batched(
             owner=self,

@@ -7,11 +7,12 @@ asynchub imports it at module level; code that needs it calls
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .errors import MissingDependencyError
 
-__all__ = ["INSTALL_HINT", "import_tensorflow"]
+__all__ = ["INSTALL_HINT", "host_converter", "host_types", "import_tensorflow"]
 
 INSTALL_HINT = 'pip install "asynchub[tensorflow]"'
 
@@ -30,3 +31,60 @@ def import_tensorflow() -> Any:
             f"({exc}). Install it with: {INSTALL_HINT}"
         ) from exc
     return tensorflow
+
+
+def host_types() -> frozenset[type]:
+    """The types of host values (numpy arrays and scalars, lists, Python numbers)
+    that :func:`host_converter` converts."""
+    import numpy as np
+
+    scalars = {t for t in np.sctypeDict.values() if issubclass(t, np.number | np.bool_)}
+    return frozenset({np.ndarray, list, tuple, int, float, bool, *scalars})
+
+
+def host_converter(tf: Any) -> Callable[[Any, Any], Any]:
+    """A function ``(value, dtype) -> tensor``: ``tf.convert_to_tensor(value, dtype=dtype)``
+    for a host value, in fewer steps, or ``None`` when not executing eagerly.
+
+    Eagerly, TensorFlow's conversion of a numpy array, a list or a number ends in
+    the eager tensor's constructor (``constant_op.convert_to_eager_tensor``), after a
+    lookup in its conversion registry and several calls that cost more than the
+    constructor itself. This calls the constructor as TensorFlow does: same values,
+    same errors, a numpy array copied first so that the tensor never shares the
+    caller's memory. Any sign that those private names changed falls back to the
+    public conversion. Inside a ``tf.function`` it returns ``None``: the caller
+    must take TensorFlow's own path, which makes a symbolic constant.
+    """
+    import numpy as np
+
+    ndarray = np.ndarray
+    try:
+        from tensorflow.python.eager import context
+        from tensorflow.python.framework import ops
+
+        make, current = ops.EagerTensor, context.context
+        current().ensure_initialized()
+        probe = make(
+            np.zeros((1, 2), np.float64), current().device_name, tf.float32.as_datatype_enum
+        )
+        if probe.dtype != tf.float32 or tuple(probe.shape) != (1, 2):
+            raise TypeError("unexpected probe result")
+    except Exception:  # a private-API probe: any failure means the public path
+        convert_public = tf.convert_to_tensor
+
+        def convert(value: Any, dtype: Any) -> Any:
+            if not tf.executing_eagerly():
+                return None
+            return convert_public(value, dtype=dtype)
+
+        return convert
+
+    def convert_fast(value: Any, dtype: Any) -> Any:
+        ctx = current()
+        if not ctx.executing_eagerly():
+            return None
+        if type(value) is ndarray:
+            value = value.copy()
+        return make(value, ctx.device_name, dtype.as_datatype_enum)
+
+    return convert_fast

@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ._config import HubConfig, HubOptions
 from ._hub import AsyncHub
-from ._module import Module, default_signature
+from ._module import Module, default_signature, load_module
 from ._prefetch import check_processes
 from ._sync import Hub, aload
-from ._tf import import_tensorflow
 from ._types import Handle, Processes
 from ._workers import error_from_json, error_to_json
 from .errors import HandleError, HubError, MissingDependencyError, PrefetchError, SignatureError
@@ -259,26 +258,28 @@ class Predictor:
         tags: Iterable[str] | None = None,
         **hub_options: Unpack[HubOptions],
     ) -> None:
-        with Hub(**hub_options) as hub:
-            #: The loaded module (one per actor).
-            self.module: Module = hub.load(handle, tags=tags)
+        # A cache hit (every actor after the node's first, or after prefetch_on_nodes)
+        # is answered in this thread: no event loop thread is started for it.
+        hub = Hub(**hub_options)
+        try:
+            path = hub.resolve(handle)
+        finally:
+            hub.close()
+        #: The loaded module (one per actor).
+        self.module: Module = load_module(path, handle=os.fspath(handle), tags=tags)
         self.signature = signature
         self.input_column = input_column if isinstance(input_column, str) else dict(input_column)
         self.output_column = (
             output_column if isinstance(output_column, str) else dict(output_column)
         )
         self.keep_columns = keep_columns
-        self._tf = import_tensorflow()
-        self._dtypes = self._input_dtypes()
-        #: Input dtypes the callable object refused as tensors: those go in as numpy,
-        #: which the module converts (see _apply).
-        self._as_numpy: set[Any] = set()
+        self._check_columns()
 
-    def _input_dtypes(self) -> dict[str, Any]:
-        """The dtype of each signature input; checks the column mappings against the signature."""
+    def _check_columns(self) -> None:
+        """Check the column mappings against the signature."""
         module, signature = self.module, self.signature
         if signature is None and callable(module.obj):
-            return {}  # the callable object's inputs are known only when called
+            return  # the callable object's inputs are known only when called
         name = signature or default_signature(list(module.signatures), handle=module.handle)
         info = module.signatures.get(name)
         if info is None:
@@ -312,7 +313,6 @@ class Predictor:
                     f"{where} has no output(s) {unknown}; it has: {', '.join(info.output_names)}",
                     handle=module.handle,
                 )
-        return {t.name: self._tf.as_dtype(t.dtype) for t in info.inputs}
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Apply the module to one batch; returns the batch with the output column(s)."""
@@ -323,14 +323,15 @@ class Predictor:
             )
         columns = self.input_column
         inputs: Any
+        # The columns go in as numpy: the module converts each once, to the dtype its
+        # signature (or callable object) takes, and takes its fast path.
         if isinstance(columns, str):
-            array = _column(batch, columns)
-            inputs = self._tensor(None, array)
+            inputs = array = _column(batch, columns)
         else:
-            arrays = {name: _column(batch, column) for name, column in columns.items()}
-            inputs = {name: self._tensor(name, a) for name, a in arrays.items()}
-            array = next(iter(arrays.values()))
-        result = self._apply(inputs)
+            inputs = {name: _column(batch, column) for name, column in columns.items()}
+            array = next(iter(inputs.values()))
+        as_dict = not isinstance(self.output_column, str)
+        result = self.module(inputs, signature=self.signature, as_dict=as_dict)
         rows = len(array)
         out = dict(batch) if self.keep_columns else {}
         if isinstance(self.output_column, str):
@@ -346,40 +347,6 @@ class Predictor:
                     )
                 out[column] = self._rows(result[name], rows, column)
         return out
-
-    def _tensor(self, name: str | None, array: Any) -> Any:
-        """A column as an eager tensor of the input's dtype: the module's fast path takes it."""
-        if name is None and self._dtypes:
-            name = next(iter(self._dtypes))
-        dtype = self._dtypes.get(name) if name is not None else None
-        if dtype is None and getattr(array, "dtype", None) in self._as_numpy:
-            return array
-        return self._tf.convert_to_tensor(array, dtype=dtype)
-
-    def _apply(self, inputs: Any) -> Any:
-        as_dict = not isinstance(self.output_column, str)
-        try:
-            return self.module(inputs, signature=self.signature, as_dict=as_dict)
-        except SignatureError:
-            # A callable object whose traces take another dtype than the column's
-            # refuses the tensor; given numpy, it converts to the dtype it takes.
-            if self._dtypes or not self._is_tensor(inputs):
-                raise
-        numpy = self._numpy(inputs)
-        result = self.module(numpy, signature=self.signature, as_dict=as_dict)
-        values = numpy.values() if isinstance(numpy, dict) else [numpy]
-        self._as_numpy.update(v.dtype for v in values)
-        return result
-
-    def _is_tensor(self, inputs: Any) -> bool:
-        values = inputs.values() if isinstance(inputs, dict) else [inputs]
-        return all(self._tf.is_tensor(v) for v in values)
-
-    @staticmethod
-    def _numpy(inputs: Any) -> Any:
-        if isinstance(inputs, dict):
-            return {k: v.numpy() for k, v in inputs.items()}
-        return inputs.numpy()
 
     def _rows(self, value: Any, rows: int, column: str) -> Any:
         array = value.numpy() if hasattr(value, "numpy") else value

@@ -1,11 +1,13 @@
 """``asynchub serve --infer`` under load: micro-batching against ``--no-batching``.
 
-Two servers run side by side, started as users start them (``python -m asynchub serve
-ROOT --infer --preload --no-access-log``, one with ``--no-batching``), each hosting
-the small MLP (64 -> 128 -> 10). 64 concurrent ``tritonclient.http.aio`` clients (one
-connection each, all on one uvloop event loop in a process of their own, which holds no
-TensorFlow) send single-row requests one after the other (closed loop), as tritonclient
-sends them by default: binary tensors both ways. Each case gets a warm-up, then a timed
+Servers run side by side, started as users start them (``python -m asynchub serve
+ROOT --infer --preload --no-access-log``, with and without ``--no-batching``, on
+uvloop and httptools (the default when installed) and on uvicorn's pure-Python loop
+and parser), each hosting the small MLP (64 -> 128 -> 10). 64 concurrent
+``tritonclient.http.aio`` clients (one connection each, all on one uvloop event loop
+in a process of their own, which holds no TensorFlow) send single-row requests one
+after the other (closed loop), as tritonclient sends them by default: binary tensors
+both ways. Each case gets a warm-up, then a timed
 window: rows/s counts the requests that completed in the window, latency is each such
 request's time from call to answer. Cases take turns round by round, and the ratio is
 batching's rows/s over ``--no-batching``'s in the same round.
@@ -43,7 +45,15 @@ _START_TIMEOUT = 180
 #: The goal for batching, from the issue: rows/s against --no-batching, and p99 latency.
 _GOAL_RATIO, _GOAL_P99_MS = 5.0, 20.0
 BASELINE = "--no-batching"
-CASES = {"batching (default knobs)": [], BASELINE: ["--no-batching"]}
+#: uvicorn's pure-Python event loop and HTTP parser, against uvloop and httptools
+#: (what ``--loop auto --http auto`` takes when they are installed, as the server extra does).
+_PURE = ["--loop", "asyncio", "--http", "h11"]
+CASES = {
+    "batching (default knobs)": [],
+    BASELINE: ["--no-batching"],
+    "batching, asyncio loop + h11": _PURE,
+    "--no-batching, asyncio loop + h11": ["--no-batching", *_PURE],
+}
 
 
 class _Server:
@@ -210,10 +220,12 @@ def run(work: Work) -> list[Section]:
             "of their own) send single-row requests one after the other to the small MLP "
             "(64→128→10), binary tensors both ways (tritonclient's default). batching = "
             "`m.batched` per model (max_batch_size 64, max_delay 2 ms); --no-batching = "
-            "`m.acall` per request. vs --no-batching = rows/s ÷ --no-batching's rows/s in "
-            "the same round, median [min, max]; p50/p99 = latency per request over all "
-            "rounds; server / client CPU = CPU time each process spent per request (µs): "
-            "the machine's cores are shared by both."
+            "each request alone in a worker thread. Servers run on uvloop and httptools "
+            "(uvicorn's `auto`, as installed by the server extra) unless the case says "
+            "'asyncio loop + h11' (`--loop asyncio --http h11`). vs --no-batching = "
+            "rows/s ÷ --no-batching's rows/s in the same round, median [min, max]; "
+            "p50/p99 = latency per request over all rounds; server / client CPU = CPU "
+            "time each process spent per request (µs): the machine's cores are shared by both."
         ),
         columns=[
             "case",
@@ -280,6 +292,14 @@ def run(work: Work) -> list[Section]:
     table.note += (
         f" Goal (>= {_GOAL_RATIO:.0f}x --no-batching, p99 <= {_GOAL_P99_MS:.0f} ms): "
         f"{batched['ratio']['median']:.2f}x, p99 {batched['p99_ms']:.1f} ms."
+    )
+    fast = [
+        h.Spread.of([a / b for a, b in zip(rates[x], rates[y], strict=True)]).fmt(2)
+        for x, y in ((names[0], names[2]), (names[1], names[3]))
+    ]
+    table.note += (
+        f" uvloop + httptools ÷ asyncio loop + h11, same round: batching {fast[0]}, "
+        f"--no-batching {fast[1]}."
     )
     return [table]
 

@@ -64,11 +64,19 @@ class DocsPredictor:
 
 
 class _Timed:
-    """Adds column ``t``: the seconds the batch's call took, spread over its rows.
+    """Adds column ``t``: the seconds the batch's call took, spread over its rows, and
+    column ``i``: the seconds the actor's constructor took (import, load), spread over
+    the rows of its first batch.
 
-    Summed over the output, it is the time spent inside the callable classes:
-    the per-batch hot path, apart from the actors' start-up.
+    Summed over the output, ``t`` is the time spent inside the callable classes (the
+    per-batch hot path) and ``i`` the actors' own start-up; the rest of the wall time
+    is Ray's (scheduling, worker processes, moving blocks).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        super().__init__(*args, **kwargs)
+        self._init_seconds = time.perf_counter() - started
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -77,6 +85,8 @@ class _Timed:
         out = super().__call__(batch)  # type: ignore[misc]
         rows = len(out["y"])
         out["t"] = np.full(rows, (time.perf_counter() - started) / rows)
+        out["i"] = np.full(rows, self._init_seconds / rows)
+        self._init_seconds = 0.0
         return out  # type: ignore[no-any-return]
 
 
@@ -166,7 +176,9 @@ def run(rows: dict[str, int], rounds: int) -> Section:
             "classes' `__call__` (summed over both actors): the per-batch path alone. Ray "
             "docs: `tf.saved_model.load(path)` in the actor's `__init__`, `path` downloaded "
             "by every node itself beforehand (untimed). Medians over rounds; a ratio is "
-            "rows/s ÷ the Ray docs job's in the same round, median [min, max] (> 1: faster)."
+            "rows/s ÷ the Ray docs job's in the same round, median [min, max] (> 1: faster). "
+            "Constructors s: the seconds both actors' constructors took, summed (import, "
+            "load, and for cold the download)."
         ),
         columns=[
             "model",
@@ -178,6 +190,7 @@ def run(rows: dict[str, int], rounds: int) -> Section:
             "job ratio",
             "rows/s in calls",
             "calls ratio",
+            "constructors s",
         ],
     )
     try:
@@ -214,12 +227,17 @@ def _model(
     log(f"ray: {name}: {n} rows of {SHAPES[name]} materialized")
     walls: dict[str, list[float]] = {case: [] for case in CASES}
     calls: dict[str, list[float]] = {case: [] for case in CASES}
+    inits: dict[str, list[float]] = {case: [] for case in CASES}
     for r in range(rounds):
         for case in CASES[r % len(CASES) :] + CASES[: r % len(CASES)]:
-            wall, in_calls = _job(ray, hub_ray, data, name, url, case, caches)
+            wall, in_calls, in_init = _job(ray, hub_ray, data, name, url, case, caches)
             walls[case].append(wall)
             calls[case].append(in_calls)
-            log(f"ray: {name} round {r + 1} {case}: {wall:.1f}s, {in_calls:.1f}s in calls")
+            inits[case].append(in_init)
+            log(
+                f"ray: {name} round {r + 1} {case}: {wall:.1f}s, {in_calls:.1f}s in calls, "
+                f"{in_init:.1f}s in constructors"
+            )
     for case in CASES:
         section.rows.append(
             [
@@ -232,19 +250,22 @@ def _model(
                 _ratios(walls["Ray docs"], walls[case]),
                 f"{n / statistics.median(calls[case]):,.0f}",
                 _ratios(calls["Ray docs"], calls[case]),
+                f"{statistics.median(inits[case]):.2f}",
             ]
         )
         section.data.setdefault(name, {})[case] = {
             "rows": n,
             "wall_seconds": walls[case],
             "seconds_in_calls": calls[case],
+            "seconds_in_constructors": inits[case],
         }
 
 
 def _job(
     ray: Any, hub_ray: Any, data: Any, name: str, url: str, case: str, caches: list[Path]
-) -> tuple[float, float]:
-    """Prepare ``case`` (untimed), run its map_batches job: (wall seconds, seconds in calls)."""
+) -> tuple[float, float, float]:
+    """Prepare ``case`` (untimed), run its map_batches job: (wall seconds, seconds in
+    calls, seconds in the actors' constructors)."""
     compute = ray.data.ActorPoolStrategy(size=2)
     if case == "Ray docs":
         _on_each_node(ray, _download_into_node_models, url, name)
@@ -266,9 +287,9 @@ def _job(
         num_cpus=1,
     ).materialize()
     seconds = time.perf_counter() - started
-    if out.count() != data.count() or set(out.columns()) != {"y", "t"}:
+    if out.count() != data.count() or set(out.columns()) != {"y", "t", "i"}:
         raise RuntimeError(f"{case}: unexpected output {out.schema()}")
-    return seconds, float(out.sum("t"))
+    return seconds, float(out.sum("t")), float(out.sum("i"))
 
 
 def _ratios(baseline: list[float], seconds: list[float]) -> str:

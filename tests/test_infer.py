@@ -560,3 +560,100 @@ def test_infer_options_need_infer(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["serve", str(tmp_path), "--preload", "--max-queue", "3"])
     assert result.exit_code == 2
     assert "--preload, --max-queue only apply with --infer" in result.output
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("unfreeze")
+async def test_batching_joins_the_decoded_arrays_with_numpy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each request's input stays the numpy array it was decoded into: no TensorFlow op
+    # per request; a batch is one np.concatenate, converted once by the call.
+    pytest.importorskip("tensorflow")
+    from asynchub import _batching
+    from asynchub.server import InferOptions, create_app
+
+    joined: list[list[type]] = []
+    original = _batching.join
+
+    def spy(payloads: list[Any], tf: Any) -> Any:
+        joined.append([type(p) for p in payloads])
+        return original(payloads, tf)
+
+    monkeypatch.setattr(_batching, "join", spy)
+    _savedmodels.fruit_module(tmp_path / "fruit" / "1")
+    app = create_app(tmp_path, infer=InferOptions(max_delay=0.05))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as web,
+    ):
+        answers: dict[int, httpx.Response] = {}
+
+        async def one(i: int) -> None:
+            rows = X[:1] + i
+            body = {
+                "inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": rows.tolist()}
+                ]
+            }
+            answers[i] = await web.post("/v2/models/fruit/infer", json=body)
+
+        await one(0)  # loads it, and teaches the batcher the row's form
+        await one(0)
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(one, i)
+    for i, answer in answers.items():
+        assert answer.status_code == 200, answer.text
+        outputs = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+        assert outputs["extra"] == (X[:1] + i + 1).ravel().tolist()
+    assert joined and all(kinds == [np.ndarray] * len(kinds) for kinds in joined), joined
+
+
+def test_pure_python_loop_and_parser_serve_too(tmp_path: Path) -> None:
+    # uvloop and httptools are what `auto` takes when installed; the pure-Python event
+    # loop and HTTP parser must answer the same, and a choice that is not one fails.
+    pytest.importorskip("tensorflow")
+    from click.testing import CliRunner
+
+    from asynchub.cli import main
+
+    refused = CliRunner().invoke(main, ["serve", str(tmp_path), "--loop", "tokio"])
+    assert refused.exit_code == 2 and "tokio" in refused.output
+    _savedmodels.fruit_module(tmp_path / "fruit" / "1")
+    env = {
+        **os.environ,
+        "TFHUB_CACHE_DIR": str(tmp_path / "cache"),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    command = [sys.executable, "-m", "asynchub", "serve", str(tmp_path), "--infer", "--preload"]
+    command += ["--port", "0", "--no-access-log", "--loop", "asyncio", "--http", "h11"]
+    proc = subprocess.Popen(
+        command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    log: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            if "Uvicorn running on" in line:
+                found.set()
+        found.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert found.wait(_START_TIMEOUT) and proc.poll() is None, "".join(log)
+        address = re.search(r"Uvicorn running on (http://\S+)", "".join(log))
+        assert address is not None, "".join(log)
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": X.tolist()}]}
+        answer = httpx.post(f"{address.group(1)}/v2/models/fruit/infer", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        outputs = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+        assert outputs["extra"] == (X + 1).ravel().tolist()
+    finally:
+        stop_cleanly(proc, reader, log)

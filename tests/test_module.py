@@ -362,10 +362,21 @@ def test_fast_path_matches_raw_call_and_falls_back(
         for name in expected:
             np.testing.assert_array_equal(out[name].numpy(), expected[name].numpy())
 
+    # Host values of a shape seen before take the fast path too, converted once to
+    # the input's dtype, as the general path would convert them.
+    for value in (
+        np.array([[1.0, 2.0, 3.0]], np.float64),  # numpy, and not the signature dtype
+        [[1.0, 2.0, 3.0]],  # a list
+    ):
+        np.testing.assert_array_equal(
+            fruit(value, signature="default").numpy(), expected["default"].numpy()
+        )
+    assert general == []
+
     # Unusual inputs leave the fast path and still give the same answer.
     unusual = [
-        np.array([[1.0, 2.0, 3.0]], np.float64),  # numpy, and not the signature dtype
         tf.Variable([[1.0, 2.0, 3.0]]),  # a variable, not a tensor
+        np.array([[1.0, 2.0, 3.0]], np.float32).view(np.matrix),  # an ndarray subclass
     ]
     for value in unusual:
         np.testing.assert_array_equal(
@@ -420,8 +431,12 @@ def test_callable_fast_path_keys_on_keyword_values(
     assert reusable(x, training=False).numpy().tolist() == [[3.0]]
     assert len(general) == 1  # training=False was new; the others were served fast
     np.testing.assert_array_equal(reusable(x).numpy(), reusable.obj(x).numpy())
-    # numpy goes the general way and is converted to the dtype the callable takes
+    # numpy is converted once to the dtype the callable takes, then served fast
     assert reusable(np.ones([1, 2], np.float64)).numpy().tolist() == [[3.0]]
+    assert reusable([[1.0, 1.0]], training=True).numpy().tolist() == [[4.0]]
+    assert len(general) == 1
+    # a shape not seen yet takes the general way once
+    assert reusable(np.ones([3, 2], np.float32)).numpy().tolist() == [[3.0]] * 3
     assert len(general) == 2
 
 

@@ -458,6 +458,32 @@ def test_predictor_applies_the_module_to_numpy_batches(fruit: tuple[Path, bytes]
         predict([x])  # type: ignore[arg-type]
 
 
+def test_predictor_on_a_cache_hit_starts_no_event_loop(
+    server: Server, fruit: tuple[Path, bytes], cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every actor after a node's first (or after prefetch_on_nodes) finds the module in
+    # the cache: that is answered in the actor's thread, without the hub's loop thread.
+    from asynchub import _sync
+
+    _, body = fruit
+    url, _ = route(server, body)
+    started: list[str] = []
+    original = _sync._start_portal
+
+    def spy(backend: str) -> Any:
+        started.append(backend)
+        return original(backend)
+
+    monkeypatch.setattr(_sync, "_start_portal", spy)
+    first = hub_ray.Predictor(url)  # downloads: through the event loop
+    assert len(started) == 1
+    second = hub_ray.Predictor(url)
+    assert len(started) == 1
+    assert second.module.path == first.module.path
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_allclose(second({"x": x})["y"], x * 2)
+
+
 # -- Ray Serve: model_loader ---------------------------------------------------------------
 
 

@@ -52,6 +52,20 @@ __all__ = ["serve"]
     "--no-batching", is_flag=True, help="With --infer: run each request alone (no batches)."
 )
 @click.option(
+    "--loop",
+    type=click.Choice(["auto", "uvloop", "asyncio"]),
+    default="auto",
+    show_default=True,
+    help="The event loop: auto takes uvloop when it is installed (the server extra has it).",
+)
+@click.option(
+    "--http",
+    type=click.Choice(["auto", "httptools", "h11"]),
+    default="auto",
+    show_default=True,
+    help="The HTTP parser: auto takes httptools when it is installed (the server extra has it).",
+)
+@click.option(
     "--access-log/--no-access-log",
     default=True,
     show_default=True,
@@ -68,6 +82,8 @@ def serve(
     max_delay_ms: float,
     max_queue: int,
     no_batching: bool,
+    loop: str,
+    http: str,
     access_log: bool,
 ) -> None:
     """Serve the modules under ROOT over HTTP, the TF Hub way.
@@ -110,4 +126,12 @@ def serve(
     # uvicorn's own logging, plus asynchub's (a model loaded, a module that cannot be packed).
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["asynchub"] = {"handlers": ["default"], "level": "INFO"}
-    uvicorn.run(app, host=host, port=port, log_config=log_config, access_log=access_log)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop=loop,
+        http=http,
+        log_config=log_config,
+        access_log=access_log,
+    )

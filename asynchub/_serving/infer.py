@@ -14,8 +14,11 @@ found as ``asynchub serve`` finds them); without a version, the highest. Modules
 loaded on first use, through the hub's cache (an archive is extracted once), one load
 per model however many requests ask at once. Requests run the module's default
 signature, or the one their ``parameters.signature`` names, micro-batched per model
-and signature with :meth:`Module.batched`. TensorFlow's calls run in the module's few
-worker threads, never on the event loop; only small inputs become tensors there.
+and signature with :meth:`Module.batched`. A request's inputs stay the numpy arrays
+they were decoded into; a batch of them is joined with one ``np.concatenate`` and
+converted once in a worker thread, and its outputs come back as numpy, one
+``.numpy()`` per batch cut into views, which the answers are encoded from. TensorFlow
+never runs on the event loop.
 
 The protocol's codec (paths, decoding requests, binding them to a signature, encoding
 responses) is plain functions in ``oip.py``; :class:`Inference` here holds the models and
@@ -39,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .._batching import in_thread
 from .._module import Module, SignatureInfo, default_signature, load_module
 from .._version import __version__
 from ..errors import HubError, ProtocolError, QueueFullError, SignatureError
@@ -72,7 +76,8 @@ _HEADER_LENGTH: Final = "inference-header-content-length"
 
 # -- the models -------------------------------------------------------------------------------
 
-#: Applies a signature to one request: a lone tensor for a single input, else a dict.
+#: Applies a signature to one request (a lone numpy array for a single input, else a
+#: dict of them); returns each output as a numpy array.
 Apply = Callable[[Any], Awaitable[dict[str, Any]]]
 
 
@@ -123,6 +128,7 @@ class _Model:
                     max_delay=options.max_delay,
                     max_queue=options.max_queue,
                     as_dict=True,
+                    as_numpy=True,
                 )
                 return batched
             except SignatureError as exc:  # e.g. an input without a batch dimension
@@ -131,9 +137,13 @@ class _Model:
                 )
         module, limit = self.module, options.max_queue
 
+        def call(inputs: Any) -> dict[str, Any]:
+            result = module(inputs, signature=signature, as_dict=True)
+            return {name: value.numpy() for name, value in result.items()}
+
         async def unbatched(inputs: Any) -> dict[str, Any]:
             first = next(iter(inputs.values()), None) if isinstance(inputs, dict) else inputs
-            rows = int(first.shape[0]) if first is not None and first.shape.rank else 1
+            rows = int(first.shape[0]) if first is not None and first.ndim else 1
             if limit is not None and self._in_flight >= limit:
                 raise QueueFullError(
                     f"{self.label}: {self._in_flight} rows are already in flight "
@@ -142,9 +152,7 @@ class _Model:
                 )
             self._in_flight += rows
             try:
-                result: dict[str, Any] = await module.acall(
-                    inputs, signature=signature, as_dict=True
-                )
+                result: dict[str, Any] = await in_thread(module, call, inputs)
                 return result
             finally:
                 self._in_flight -= rows
@@ -363,11 +371,9 @@ class Inference:
                         f"{where}: there is no output {output!r}; it has: "
                         f"{', '.join(info.output_names)}",
                     )
-        # tf.constant is the cheapest way in (less than half of convert_to_tensor's cost),
-        # and a lone tensor takes the batcher's fast path: dtype and shape were checked above.
-        size = sum(a.nbytes for a in inputs.values())
-        tensors = await self._codec(size > _OFFLOAD_BYTES, _as_tensors, inputs)
-        payload = next(iter(tensors.values())) if len(tensors) == 1 else tensors
+        # The arrays go on as they are: a batch of them is joined and converted once, in
+        # a worker thread (dtype and shape were checked above).
+        payload = next(iter(inputs.values())) if len(inputs) == 1 else inputs
         try:
             result = await model.applier(info.name)(payload)
         except QueueFullError as exc:
@@ -379,7 +385,7 @@ class Inference:
                 raise ProtocolError(400, f"{where}: the model rejected the input: {exc}") from exc
             logger.exception("%s failed", where)
             raise ProtocolError(500, f"{where} failed; the server's log says why") from exc
-        outputs = [(output, result[output].numpy(), binary) for output, binary in wanted]
+        outputs = [(output, result[output], binary) for output, binary in wanted]
         values = sum(a.size for _, a, binary in outputs if not binary)
         content, head = await self._codec(
             values > _OFFLOAD_VALUES,
@@ -449,13 +455,6 @@ class Inference:
             # answers in the protocol's shape too, rather than as a missing module.
             Route("/v2/{path:path}", elsewhere, methods=["GET", "POST"]),
         ]
-
-
-def _as_tensors(arrays: dict[str, Any]) -> dict[str, Any]:
-    from .._tf import import_tensorflow
-
-    constant = import_tensorflow().constant
-    return {name: constant(array) for name, array in arrays.items()}
 
 
 def _rejected_input(exc: Exception) -> bool:
