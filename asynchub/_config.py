@@ -45,6 +45,7 @@ ENV_MIRRORS = "ASYNCHUB_MIRRORS"
 ENV_LOCKFILE = "ASYNCHUB_LOCKFILE"
 ENV_FILE_DIGESTS = "ASYNCHUB_FILE_DIGESTS"
 ENV_MAX_EXTRACT_MEMBERS = "ASYNCHUB_MAX_EXTRACT_MEMBERS"
+ENV_CONNECTIONS = "ASYNCHUB_CONNECTIONS"
 
 MirrorMismatch = Literal["raise", "origin"]
 
@@ -356,6 +357,21 @@ def _store_options(option: str) -> Callable[[Mapping[str, Any] | None], dict[str
     return given
 
 
+def _connections(value: int | str | None) -> int | None:
+    """``connections``: a count >= 1, or None/"auto" (decided per archive); else the variable."""
+    where: str = "connections"
+    if value is None:
+        where, value = ENV_CONNECTIONS, os.environ.get(ENV_CONNECTIONS, "").strip()
+        if value.isdecimal():
+            value = int(value)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    try:
+        return _count(where, value, 1)
+    except ConfigError:
+        raise _refuse(where, ">= 1 (a whole number), or 'auto' (unset: auto)", value) from None
+
+
 def _max_extract_bytes(value: int | None) -> int:
     return _MAX_EXTRACT if value is None else _count("max_extract_bytes", value, 1)
 
@@ -412,6 +428,10 @@ class HubConfig:
     offline: bool = _opt(False, given=_flag(ENV_OFFLINE, "offline"))
     #: Downloads at once, per hub.
     max_concurrency: int = _opt(4, given=_concurrency)
+    #: Connections per http(s) archive (``ASYNCHUB_CONNECTIONS``): its byte ranges
+    #: fetched at once and extracted in order. None (auto) splits a large archive whose
+    #: one stream is slow, by how slow; 1 is one stream.
+    connections: int | None = _opt(None, given=_connections)
     #: Refuse archives that would extract to more than this many bytes.
     max_extract_bytes: int = _opt(_MAX_EXTRACT, given=_max_extract_bytes)
     #: Refuse archives of more than this many members, directories included
@@ -514,6 +534,7 @@ class HubOptionsBase(TypedDict, total=False):
     retries: Retries | int | None
     headers: Mapping[str, str] | None
     offline: bool | None
+    connections: int | Literal["auto"] | None
     max_extract_bytes: int | None
     max_extract_members: int | None
     lock_stale_after: float | None

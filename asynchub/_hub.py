@@ -159,7 +159,12 @@ class AsyncHub:
             raise HubClosedError("an AsyncHub can be entered once; make a new one")
         t = self.config.timeouts
         limits = httpx.Limits(
-            max_connections=max(10, self.config.max_concurrency * 2),
+            # Room for the ranged requests of one host (HostSlots) besides the downloads.
+            max_connections=max(
+                10,
+                2 * self.config.max_concurrency,
+                self.config.max_concurrency + self._fetcher.hosts.per_host,
+            ),
             # Off for hubs nobody closes (the async helpers' per-loop hubs): no
             # idle connection is then left to be collected with its loop.
             max_keepalive_connections=None if self._keep_alive else 0,

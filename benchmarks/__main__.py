@@ -30,7 +30,15 @@ _MARKERS = (
 
 
 def _parts() -> dict[str, Callable[[Work], list[Section]]]:
-    from . import bench_apply, bench_batched, bench_gzip, bench_infer, bench_memory, bench_resolve
+    from . import (
+        bench_apply,
+        bench_batched,
+        bench_far,
+        bench_gzip,
+        bench_infer,
+        bench_memory,
+        bench_resolve,
+    )
 
     return {
         "apply": bench_apply.run,
@@ -40,6 +48,7 @@ def _parts() -> dict[str, Callable[[Work], list[Section]]]:
         "prefetch": bench_resolve.run_prefetch,
         "memory": bench_memory.run,
         "gzip": bench_gzip.run,
+        "far": bench_far.run,
     }
 
 

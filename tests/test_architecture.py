@@ -66,6 +66,7 @@ def _not_default(f: dataclasses.Field[Any]) -> Any:
         "headers": {"Authorization": "Bearer t"},
         "offline": True,
         "max_concurrency": 11,
+        "connections": 6,
         "max_extract_bytes": 12345,
         "max_extract_members": 321,
         "lock_stale_after": 42.0,

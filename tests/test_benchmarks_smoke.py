@@ -33,6 +33,15 @@ def test_quick_benchmark_runs_every_part(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FAILED" not in done.stdout
     report = (tmp_path / "quick.md").read_text()
-    for part in ("Apply", "Batched", "Infer", "Resolve", "Prefetch", "Memory", "Gzip"):
+    for part in (
+        "Apply",
+        "Batched",
+        "Infer",
+        "Resolve",
+        "Prefetch",
+        "Memory",
+        "Gzip",
+        "Far origin",
+    ):
         assert part.lower() in report.lower(), part
     assert (tmp_path / "quick.json").is_file()

@@ -36,6 +36,7 @@ __all__ = [
     "Option",
     "OutputError",
     "cache_dir_option",
+    "connections_option",
     "dry_run_option",
     "emit_json",
     "errors_as_exit",
@@ -95,6 +96,16 @@ from_file_option = Option(
 )
 offline_option = Option(
     "--offline", is_flag=True, help="Use the cache only; fail for anything missing."
+)
+connections_option = Option(
+    "--connections",
+    metavar="N|auto",
+    default=None,
+    help=(
+        "Connections per http(s) archive: its byte ranges fetched at once, extracted in "
+        "order. 'auto' (the default: $ASYNCHUB_CONNECTIONS, else auto) splits a large "
+        "archive whose one stream is slow; 1 is one stream."
+    ),
 )
 dry_run_option = Option("-n", "--dry-run", is_flag=True, help="Only say what would be removed.")
 

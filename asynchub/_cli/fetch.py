@@ -21,6 +21,7 @@ from .._integrity import LockEntry, lock_text, read_lock
 from ..errors import HubError, leaves
 from .common import (
     cache_dir_option,
+    connections_option,
     emit_json,
     errors_as_exit,
     from_file_option,
@@ -90,6 +91,7 @@ def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str
 @click.command("prefetch")
 @click.argument("handles", nargs=-1, metavar="HANDLE...")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Downloads at once.")
+@connections_option
 @cache_dir_option
 @from_file_option
 @offline_option
@@ -121,6 +123,7 @@ def _read_handles(handles: Sequence[str], from_file: IO[str] | None) -> list[str
 def prefetch_command(
     handles: tuple[str, ...],
     jobs: int | None,
+    connections: str | None,
     cache_dir: Path | None,
     from_file: IO[str] | None,
     offline: bool,
@@ -151,6 +154,7 @@ def prefetch_command(
             cache_dir=cache_dir,
             offline=True if offline else None,
             max_concurrency=jobs,
+            connections=_count_or_auto(connections),
             lockfile=lockfile,
         )
     callback, display = progress_callback(quiet)  # starts no thread before start()
@@ -222,6 +226,11 @@ def _result_json(handle: str, result: Path | HubError) -> dict[str, Any]:
     }
 
 
+def _count_or_auto(text: str | None) -> Any:
+    """``--connections``: a number as an int, anything else as given (the config checks it)."""
+    return int(text) if text is not None and text.strip().isdecimal() else text
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -229,11 +238,17 @@ def _first_line(error: BaseException) -> str:
 @click.command("resolve")
 @click.argument("handle")
 @cache_dir_option
+@connections_option
 @offline_option.with_help("Use the cache only; fail if it is missing.")
 @quiet_option
 @json_option
 def resolve_command(
-    handle: str, cache_dir: Path | None, offline: bool, quiet: bool, as_json: bool
+    handle: str,
+    cache_dir: Path | None,
+    connections: str | None,
+    offline: bool,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
     """Fetch HANDLE into the cache if needed and print its local path."""
     from .._hub import AsyncHub
@@ -242,7 +257,10 @@ def resolve_command(
 
     async def fetch() -> Path:
         async with AsyncHub(
-            cache_dir=cache_dir, offline=True if offline else None, progress=callback
+            cache_dir=cache_dir,
+            offline=True if offline else None,
+            connections=_count_or_auto(connections),
+            progress=callback,
         ) as hub:
             return await hub.resolve(handle)
 

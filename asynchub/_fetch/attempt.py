@@ -26,7 +26,7 @@ from .._config import HubConfig
 from .._handles import ParsedHandle
 from .._integrity import Pin
 from .._progress import ProgressKind
-from .._sources import Source, Transfer
+from .._sources import HttpSource, ObjectSource, Source, Transfer
 from .._store import Store
 from ..errors import (
     ArchiveError,
@@ -38,6 +38,7 @@ from ..errors import (
     raise_first,
 )
 from .events import Events
+from .ranged import HostSlots, RangedFetch
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -54,6 +55,8 @@ class ArchiveAttempt:
     config: HubConfig
     store: Store
     events: Events
+    #: The hub's bound on ranged requests per host, shared by its downloads.
+    hosts: HostSlots
 
     async def run(
         self,
@@ -65,8 +68,14 @@ class ArchiveAttempt:
         file_digests: bool = False,
         pin: Pin | None = None,
         mirror: str | None = None,
+        connections: int | None = 1,
     ) -> Manifest:
-        """Stream ``source`` into ``tmp``; the manifest of what was written."""
+        """Stream ``source`` into ``tmp``; the manifest of what was written.
+
+        An http(s), s3:// or gs:// archive is fetched over up to ``connections``
+        connections (None: decided per archive, :mod:`.ranged`); a local one, or
+        with 1, as one stream.
+        """
         events = self.events
         send, receive = anyio.create_memory_object_stream[bytes](_STREAM_BUFFER)
         result: list[Manifest] = []
@@ -91,26 +100,47 @@ class ArchiveAttempt:
                 total=transfer.total,
             )
 
+        async def deliver(piece: bytes) -> bool:
+            """Hand ``piece`` on; False when the extractor stopped (its outcome is the answer)."""
+            if size is not None and transfer.total not in (None, size):
+                raise IntegrityError(
+                    f"{parsed.text}: {source.where} is not the pinned module "
+                    f"({transfer.total:,} bytes; the {pin.origin if pin else 'pin'} "
+                    f"pins an archive of {size:,}); nothing was committed",
+                    handle=parsed.text,
+                )
+            try:
+                await send.send(piece)
+            except anyio.BrokenResourceError:
+                return False
+            events.bytes(parsed, transfer)
+            return True
+
         async def produce() -> None:
             # The stream is closed whichever way this ends, but only a body that
             # reached its end marks it complete: the extractor must not take an
             # aborted producer (a failure, a cancellation) for the end of the archive.
             with send:
+                if isinstance(source, (HttpSource, ObjectSource)) and connections != 1:
+                    ranged = RangedFetch(
+                        source,
+                        transfer,
+                        on_resume,
+                        deliver,
+                        connections=connections,
+                        tmp=tmp,
+                        slot=self.hosts.slot(source.url),
+                        on_bytes=lambda: events.bytes(parsed, transfer),
+                        guard=lambda: self.store.guard(parsed.text, "keeping early ranges"),
+                    )
+                    if await ranged.run():
+                        complete.set()
+                    return
                 body = cast("AsyncGenerator[bytes, None]", source.stream(transfer, on_resume))
                 async with aclosing(body):
                     async for piece in body:
-                        if size is not None and transfer.total not in (None, size):
-                            raise IntegrityError(
-                                f"{parsed.text}: {source.where} is not the pinned module "
-                                f"({transfer.total:,} bytes; the {pin.origin if pin else 'pin'} "
-                                f"pins an archive of {size:,}); nothing was committed",
-                                handle=parsed.text,
-                            )
-                        try:
-                            await send.send(piece)
-                        except anyio.BrokenResourceError:
-                            return  # the extractor stopped: its outcome is the answer
-                        events.bytes(parsed, transfer)
+                        if not await deliver(piece):
+                            return
                 complete.set()
 
         try:

@@ -30,6 +30,7 @@ from .._sources import (
     ObjectPrefix,
     ObjectSource,
     ObjectStores,
+    RangesRefused,
     Source,
     Transfer,
     mirrors,
@@ -39,6 +40,7 @@ from ..errors import CacheError, HTTPStatusError, HubClosedError, HubError, Inte
 from .attempt import ArchiveAttempt
 from .events import Events
 from .prefix import PrefixAttempt
+from .ranged import HostSlots
 
 __all__ = ["Fetcher"]
 
@@ -60,7 +62,9 @@ class Fetcher:
         #: Mirrors as kept (normalised); a malformed one fails here, when the hub is made.
         self.mirrors: Sequence[str] = tuple(mirrors.normalise(m) for m in config.mirrors)
         self.client: httpx.AsyncClient | None = None  # set while the hub is open
-        self._archive = ArchiveAttempt(config, store, events)
+        #: Ranged requests at once per host, over all of this hub's downloads.
+        self.hosts = HostSlots(config.connections)
+        self._archive = ArchiveAttempt(config, store, events, self.hosts)
         self._prefix = PrefixAttempt(config, store, events)
 
     async def download(
@@ -150,15 +154,25 @@ class Fetcher:
         # mirror's re-pack is checked against it, and a pin's own entry named by
         # it must hold it, see Pin.name), and when asked for.
         digests = file_digests or (pin is not None and pin.tree is not None)
-        for attempt in range(attempts):
+        connections = self.config.connections
+        attempt = 0
+        while attempt < attempts:
             transfer.restart()
             await to_thread.run_sync(self.store.fresh_tmp, claim, parsed.text)
             try:
                 if isinstance(source, ObjectPrefix):
                     return await self._prefix.run(parsed, source, claim.tmp, transfer)
                 return await self._archive.run(
-                    parsed, source, claim.tmp, transfer, attempt, digests, pin, mirror
+                    parsed, source, claim.tmp, transfer, attempt, digests, pin, mirror, connections
                 )
+            except RangesRefused as refused:
+                # The server sends whole archives to Range requests: one stream,
+                # at once, and the attempt is not counted (it was ours to make).
+                connections = 1
+                self.events.emit(
+                    ProgressKind.RETRYING, parsed, attempt=attempt, error=refused.error
+                )
+                continue
             except Retry as retry:
                 if attempt >= attempts - 1:
                     raise retry.error from retry.__cause__
@@ -167,6 +181,7 @@ class Fetcher:
                     ProgressKind.RETRYING, parsed, attempt=attempt + 1, error=retry.error
                 )
                 await anyio.sleep(delay)
+                attempt += 1
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _http(self, url: str, parsed: ParsedHandle, headers: dict[str, str]) -> HttpSource:

@@ -5,7 +5,7 @@ lies at a mirror (and pushes one there).
 """
 
 from . import mirrors, net
-from .base import Retry, Source, Transfer
+from .base import RangedSource, RangesRefused, Retry, Source, Split, Transfer
 from .file import FileSource
 from .http import HttpSource
 from .objstore import ObjectPrefix, ObjectSource, ObjectStores
@@ -16,8 +16,11 @@ __all__ = [
     "ObjectPrefix",
     "ObjectSource",
     "ObjectStores",
+    "RangedSource",
+    "RangesRefused",
     "Retry",
     "Source",
+    "Split",
     "Transfer",
     "mirrors",
     "net",

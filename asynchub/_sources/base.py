@@ -9,13 +9,13 @@ attempt from the start may fix, any other :class:`HubError` for one it will not.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import HubError, Retry
 
-__all__ = ["Retry", "Source", "Transfer"]
+__all__ = ["RangedSource", "RangesRefused", "Retry", "Source", "Split", "Transfer", "Validators"]
 
 
 @dataclass
@@ -74,4 +74,75 @@ class Source(Protocol):
 
     def stream(self, transfer: Transfer, on_resume: OnResume) -> AsyncIterator[bytes]:
         """Yield the archive's bytes from its start, updating ``transfer`` as they go."""
+        ...
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What identifies the bytes of a first (200) response, to check a resume against."""
+
+    etag: str | None = None  #: a strong ETag
+    last_modified: str | None = None
+    total: int | None = None  #: Content-Length
+    ranges: bool = False  #: Accept-Ranges: bytes
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> Validators:
+        etag = headers.get("etag")
+        length = headers.get("content-length")
+        return cls(
+            etag=etag if etag and not etag.startswith("W/") else None,
+            last_modified=headers.get("last-modified"),
+            total=int(length) if length and length.isdigit() else None,
+            ranges=headers.get("accept-ranges", "").strip().lower() == "bytes",
+        )
+
+    @property
+    def if_range(self) -> str | None:
+        return self.etag or self.last_modified
+
+    @property
+    def resumable(self) -> bool:
+        """A cut body may be resumed only if a resume can be proved to be the same bytes."""
+        return self.ranges and self.if_range is not None and self.total is not None
+
+
+class RangesRefused(Retry):
+    """A store that answered a range with the whole archive: fetch it as one stream."""
+
+
+@dataclass
+class Split:
+    """Where a stream from the first byte stops, so that ranges fetch the rest.
+
+    The stream sets ``first`` at the first answer (what identifies the bytes:
+    validator, length) and calls ``on_first`` with it, before its first byte;
+    whoever splits sets ``end`` (then, or later between two pieces), never
+    before the bytes the stream has yielded.
+    """
+
+    on_first: Callable[[Validators], None]
+    first: Validators | None = None
+    end: int | None = None
+
+
+class RangedSource(Source, Protocol):
+    """A source that can also fetch byte ranges of the archive its first answer described."""
+
+    url: str
+
+    def stream(
+        self, transfer: Transfer, on_resume: OnResume, split: Split | None = None
+    ) -> AsyncIterator[bytes]:
+        """:meth:`Source.stream`, stopping at ``split.end`` once it is set."""
+        ...
+
+    def fetch_range(
+        self, start: int, end: int, first: Validators, transfer: Transfer, on_resume: OnResume
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of the archive ``first`` described; a cut resumed alone.
+
+        Another version is a :class:`Retry` of the whole download, a store that
+        ignores ranges a :class:`RangesRefused`: two versions are never spliced.
+        """
         ...

@@ -45,7 +45,7 @@ from .._config import Retries, Timeouts
 from .._handles import split_object_url
 from .._retry import retry_delay
 from ..errors import DownloadError, HTTPStatusError, HubError, MissingDependencyError, NetworkError
-from .base import OnResume, Retry, Transfer
+from .base import OnResume, RangesRefused, Retry, Split, Transfer, Validators
 
 __all__ = [
     "Listed",
@@ -456,7 +456,10 @@ class ObjectSource:
         self._chunk_size = chunk_size
         self._listed = listed
 
-    async def stream(self, transfer: Transfer, on_resume: OnResume) -> AsyncIterator[bytes]:
+    async def stream(
+        self, transfer: Transfer, on_resume: OnResume, split: Split | None = None
+    ) -> AsyncIterator[bytes]:
+        """Yield the object from its first byte; with ``split``, stop where it says."""
         obstore = import_obstore()
         failures = (obstore.exceptions.BaseError, OSError, ValueError, TypeError)
         listed = self._listed
@@ -479,6 +482,10 @@ class ObjectSource:
                     transfer.total = size = int(meta["size"])
                     transfer.content_type = result.attributes.get("Content-Type")
                     etag = _etag(meta.get("e_tag"))
+                    if split is not None:
+                        # An object store does ranges; the ETag proves the bytes.
+                        split.first = Validators(etag=etag, total=size, ranges=True)
+                        split.on_first(split.first)
                 if done and (
                     result.range[0] != done
                     or int(meta["size"]) != size
@@ -494,6 +501,14 @@ class ObjectSource:
                     )
                 chunks = result.stream(min_chunk_size=self._chunk_size)
                 while (chunk := await _next(chunks)) is not None:
+                    end = None if split is None else split.end
+                    if end is not None and done + len(chunk) >= end:
+                        chunk = chunk[: end - done]  # the rest is fetched as ranges
+                        done += len(chunk)
+                        transfer.received += len(chunk)
+                        if chunk:
+                            yield chunk
+                        return
                     done += len(chunk)
                     transfer.received += len(chunk)
                     yield chunk
@@ -510,12 +525,75 @@ class ObjectSource:
                     _stall(transfer, self._timeouts, self._handle, self.url, exc)
                 if not failure.retry:
                     raise failure.error from exc
+                if split is not None and split.end is not None and done >= split.end:
+                    return  # cut just as our part was done
                 if failure.cut and etag is not None and resumes < self._retries.total:
                     resumes += 1
                     on_resume(failure.error)
                     await anyio.sleep(retry_delay(resumes - 1, self._retries))
                     continue
                 raise Retry(failure.error) from exc
+
+    async def fetch_range(
+        self, start: int, end: int, first: Validators, transfer: Transfer, on_resume: OnResume
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of the object ``first`` described, ``if_match`` its ETag.
+
+        A replaced object fails the precondition (or answers with another ETag
+        or size, for a store that ignores it): a :class:`Retry` of the whole
+        download. A cut or failing range is resumed alone, up to the retries.
+        """
+        obstore = import_obstore()
+        failures = (obstore.exceptions.BaseError, OSError, ValueError, TypeError)
+        pos = start
+        resumes = 0
+        while True:
+            options: dict[str, Any] = {"range": (pos, end)}
+            if first.etag is not None:
+                options["if_match"] = first.etag
+            try:
+                result = await _get(self._store, self._path, options)
+                meta = result.meta
+                if int(meta["size"]) != first.total or not same_etag(first.etag, meta.get("e_tag")):
+                    raise Retry(
+                        NetworkError(
+                            f"{self._handle}: {self.url} changed during the download (another "
+                            "ETag or size); starting again rather than splicing two versions",
+                            handle=self._handle,
+                            url=self.url,
+                        )
+                    )
+                if tuple(result.range) != (pos, end):
+                    raise RangesRefused(
+                        NetworkError(
+                            f"{self._handle}: {self.url} answered bytes {tuple(result.range)} "
+                            f"to a request for {(pos, end)}; starting again with one connection",
+                            handle=self._handle,
+                            url=self.url,
+                        )
+                    )
+                chunks = result.stream(min_chunk_size=self._chunk_size)
+                while (chunk := await _next(chunks)) is not None:
+                    chunk = chunk[: end - pos]
+                    pos += len(chunk)
+                    transfer.received += len(chunk)
+                    yield chunk
+                    if pos >= end:
+                        return
+                raise OSError(f"connection closed: the range ended at byte {pos:,} of {end:,}")
+            except failures as exc:
+                failure = classify(exc, handle=self._handle, url=self.url, received=pos)
+                if _is_timeout(exc):
+                    _stall(transfer, self._timeouts, self._handle, self.url, exc)
+                if isinstance(exc, obstore.exceptions.PreconditionError):
+                    raise Retry(failure.error) from exc  # another version: start again
+                if not failure.retry:
+                    raise failure.error from exc
+                if resumes >= self._retries.total:
+                    raise Retry(failure.error) from exc
+                resumes += 1
+                on_resume(failure.error)
+                await anyio.sleep(retry_delay(resumes - 1, self._retries))
 
     def _check_listed(self, meta: Mapping[str, Any]) -> None:
         """Refuse an answer that is not the listed object (a store that ignored If-Match)."""
