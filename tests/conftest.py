@@ -65,3 +65,22 @@ def gcs(gcs_server: GcsServer, monkeypatch: pytest.MonkeyPatch) -> GcsServer:
     for name, value in gcs_server.env().items():
         monkeypatch.setenv(name, value)
     return gcs_server
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids of the worker processes the library spawns during the test."""
+    import anyio.abc
+
+    from asynchub import _workers
+
+    pids: list[int] = []
+    spawn = _workers.parent._spawn
+
+    async def counting() -> anyio.abc.Process:
+        process = await spawn()
+        pids.append(process.pid)
+        return process
+
+    monkeypatch.setattr(_workers.parent, "_spawn", counting)
+    return pids

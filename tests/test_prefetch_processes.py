@@ -45,21 +45,6 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return tar_bytes(make_module(tmp_path_factory.mktemp("big") / "big", weights=1_000_000))
 
 
-@pytest.fixture
-def spawned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The pids of the worker processes started during the test."""
-    pids: list[int] = []
-    spawn = _workers.parent._spawn
-
-    async def counting() -> anyio.abc.Process:
-        process = await spawn()
-        pids.append(process.pid)
-        return process
-
-    monkeypatch.setattr(_workers.parent, "_spawn", counting)
-    return pids
-
-
 def workers_left() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.is_running()]
 

@@ -19,12 +19,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import anyio
 import psutil
 import pytest
 
 import asynchub
-from asynchub import AsyncHub, _workers
+from asynchub import AsyncHub
 from asynchub._integrity import write_lock
 from tests._archives import make_module, tar_bytes
 from tests._httpserver import Server
@@ -45,21 +44,6 @@ def bodies(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return tar_bytes(make_module(tmp_path_factory.mktemp("big") / "big", weights=1_000_000))
-
-
-@pytest.fixture
-def spawned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The pids of the worker processes the library spawns during the test."""
-    pids: list[int] = []
-    spawn = _workers.parent._spawn
-
-    async def counting() -> anyio.abc.Process:
-        process = await spawn()
-        pids.append(process.pid)
-        return process
-
-    monkeypatch.setattr(_workers.parent, "_spawn", counting)
-    return pids
 
 
 def _env(**extra: str) -> dict[str, str]:
