@@ -549,3 +549,182 @@ def test_cli_serve_missing_root_fails_in_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "does not exist" in result.stderr
+
+
+# -- HTTP to the letter (RFC 9110), on a prebuilt archive (no TensorFlow needed) ------------
+
+
+@dataclass
+class Archive:
+    base: str
+    data: bytes  # the bytes of ROOT/r/1.tar.gz
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    tmp = tmp_path_factory.mktemp("rfc9110")
+    module = fake_module(tmp / "src" / "1", os.urandom(20_000))  # incompressible: ~20 kB
+    data = pack(module, tmp / "root" / "r" / "1.tar.gz").read_bytes()
+    fake_module(tmp / "root" / "d" / "1")
+    with serve_in_thread(create_app(tmp / "root", cache_dir=tmp / "cache")) as base:
+        yield Archive(base, data)
+
+
+def get(archive: Archive, headers: dict[str, Any], method: str = "GET") -> httpx.Response:
+    return httpx.request(
+        method, f"{archive.base}/r/1", params=COMPRESSED, headers=headers, timeout=30
+    )
+
+
+def test_ranges(archive: Archive) -> None:
+    data, size = archive.data, len(archive.data)
+    for value, (start, end) in {
+        "bytes=10-109": (10, 110),
+        "bytes=-50": (size - 50, size),
+        f"bytes=-{size * 2}": (0, size),  # a suffix longer than the archive: all of it
+        "bytes=100-": (100, size),
+        f"bytes=5-{size * 3}": (5, size),  # a last position past the end is cut
+        "BYTES = 0-0": (0, 1),
+        "bytes=0-9,10-19": (0, 20),  # adjacent ranges, merged
+        "bytes=0-9,,5-14": (0, 15),  # an empty list element, overlapping ranges
+        f"bytes=0-9,{size}-": (0, 10),  # the unsatisfiable one left out
+    }.items():
+        response = get(archive, {"Range": value})
+        assert response.status_code == 206, value
+        assert response.content == data[start:end], value
+        assert response.headers["content-range"] == f"bytes {start}-{end - 1}/{size}", value
+        assert response.headers["content-length"] == str(end - start), value
+        assert response.headers["content-type"] == "application/gzip"
+
+
+def test_several_ranges_get_the_whole_archive(archive: Archive) -> None:
+    response = get(archive, {"Range": "bytes=0-9,100-109"})
+    assert response.status_code == 200  # RFC 9110 §14.2 lets a server send it all
+    assert response.content == archive.data
+    assert "content-range" not in response.headers
+
+
+def test_an_invalid_range_is_ignored(archive: Archive) -> None:
+    for value in (
+        "bytes=abc",
+        "items=0-9",
+        "bytes=9-0",
+        "bytes=0-9,x",
+        "bytes=-",
+        "bytes=",
+        "bytes 0-9",
+        "bytes=0-\u00b9".encode("latin-1"),  # "¹": str.isdigit, but not a digit here
+        "bytes=+1-2",
+    ):
+        response = get(archive, {"Range": value})
+        assert response.status_code == 200, value
+        assert response.content == archive.data, value
+
+
+def test_an_unsatisfiable_range_is_416(archive: Archive) -> None:
+    size = len(archive.data)
+    for value in (f"bytes={size}-", f"bytes={size}-{size + 5}", "bytes=-0", f"bytes={size * 2}-"):
+        response = get(archive, {"Range": value})
+        assert response.status_code == 416, value
+        assert response.headers["content-range"] == f"bytes */{size}"
+        assert "bytes" in response.text
+
+
+def test_if_range_validators(archive: Archive) -> None:
+    head = get(archive, {}, "HEAD").headers
+    etag, modified = head["etag"], head["last-modified"]
+    for validator, ranged in {
+        etag: True,
+        modified: True,
+        f"W/{etag}": False,  # If-Range compares strongly: a weak tag never matches
+        '"stale"': False,
+        "Mon, 01 Jan 2001 00:00:00 GMT": False,
+        "not a date": False,
+    }.items():
+        response = get(archive, {"Range": "bytes=5-9", "If-Range": validator})
+        assert response.status_code == (206 if ranged else 200), validator
+        assert response.content == (archive.data[5:10] if ranged else archive.data)
+
+
+def test_preconditions(archive: Archive) -> None:
+    head = get(archive, {}, "HEAD").headers
+    etag, modified = head["etag"], head["last-modified"]
+    old = "Mon, 01 Jan 2001 00:00:00 GMT"
+    for headers, status in [
+        ({"If-None-Match": f'"a,b", W/{etag}'}, 304),  # a comma inside a tag, a weak match
+        ({"If-None-Match": "*"}, 304),
+        ({"If-None-Match": '"other"'}, 200),
+        ({"If-Modified-Since": modified}, 304),
+        ({"If-Modified-Since": old}, 200),
+        ({"If-None-Match": '"other"', "If-Modified-Since": modified}, 200),  # ETag first
+        ({"If-Match": '"other"'}, 412),
+        ({"If-Match": f"W/{etag}"}, 412),  # If-Match compares strongly
+        ({"If-Match": f'"other", {etag}'}, 200),
+        ({"If-Match": "*"}, 200),
+        ({"If-Unmodified-Since": old}, 412),
+        ({"If-Unmodified-Since": modified}, 200),
+        ({"If-Match": '"other"', "If-None-Match": etag}, 412),
+    ]:
+        for method in ("GET", "HEAD"):
+            response = get(archive, headers, method)
+            assert response.status_code == status, (headers, method)
+            if status == 304:
+                assert response.content == b""
+                assert response.headers["etag"] == etag
+            if status == 200 and method == "GET":
+                assert response.content == archive.data
+
+
+def test_head_is_get_without_a_body(archive: Archive) -> None:
+    size = len(archive.data)
+    for headers in ({}, {"Range": "bytes=3-7"}, {"Range": f"bytes={size}-"}):
+        got, head = get(archive, headers), get(archive, headers, "HEAD")
+        assert head.status_code == got.status_code
+        assert head.content == b""
+        for name in ("content-length", "content-type", "content-range", "etag", "accept-ranges"):
+            assert head.headers.get(name) == got.headers.get(name), (headers, name)
+    for path in ("/", "/r/1"):
+        got = httpx.get(archive.base + path, timeout=30)
+        head = httpx.head(archive.base + path, timeout=30)
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-length"] == got.headers["content-length"]
+
+
+def test_other_methods_are_405_with_allow(archive: Archive) -> None:
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        for path in ("/r/1?tf-hub-format=compressed", "/d/1", "/"):
+            response = httpx.request(method, archive.base + path, timeout=30)
+            assert response.status_code == 405, (method, path)
+            assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
+            assert f"{method} is not allowed here" in response.text
+
+
+def test_download_headers(archive: Archive) -> None:
+    response = get(archive, {})
+    assert response.headers["accept-ranges"] == "bytes"
+    assert response.headers["content-disposition"] == 'attachment; filename="r-1.tar.gz"'
+    assert response.headers["last-modified"].endswith(" GMT")
+    packed = httpx.get(f"{archive.base}/d/1", params=COMPRESSED, timeout=30)
+    assert packed.status_code == 200
+    assert packed.headers["accept-ranges"] == "bytes"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_downloads_leave_no_file_open(archive: Archive) -> None:
+    etag = get(archive, {}, "HEAD").headers["etag"]
+    size = len(archive.data)
+    kinds = [
+        ({}, "GET"),
+        ({}, "HEAD"),
+        ({"If-None-Match": etag}, "GET"),
+        ({"If-Match": '"other"'}, "GET"),
+        ({"Range": f"bytes={size}-"}, "GET"),
+        ({"Range": "bytes=0-9"}, "GET"),
+    ]
+    for headers, method in kinds:  # warm up: connections, threads, memos
+        get(archive, headers, method)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        for headers, method in kinds:
+            get(archive, headers, method)
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

@@ -4,7 +4,9 @@
 importing only the ones below it (``hosting`` -> ``infer`` -> ``repository``, ``oip``):
 
 - ``hosting``: the ASGI app (starlette) of ``asynchub serve``: ``create_app`` with its
-  routes, the pack cache, ETags and HTML pages, and ``serve_in_thread``.
+  routes, the pack cache, ETags and RFC 9110's conditionals and ranges, and
+  ``serve_in_thread``.
+- ``pages``: what the pages show (signatures, the README as a model card) and their HTML.
 - ``infer``: :class:`~asynchub._serving.infer.Inference`, the ``/v2`` routes of
   ``serve --infer`` (the Open Inference Protocol over ``Module.batched``).
 - ``options``: ``InferOptions``, which both of them take.

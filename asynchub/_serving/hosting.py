@@ -7,10 +7,13 @@ publisher made it on purpose (``repository.py`` finds them). Directories are pac
 demand with :func:`pack` into a cache keyed by the directory's fingerprint.
 
 - ``GET /NAME/VERSION?tf-hub-format=compressed``: the ``tar.gz`` (``application/gzip``),
-  streamed, with ``Content-Length``, a strong ``ETag`` (the archive's SHA-256),
-  ``If-None-Match`` (304), ``Range``/``If-Range`` (206/416) and ``HEAD``.
-- ``GET /NAME/VERSION``: an HTML page about the module (signatures, size, how to load it).
-- ``GET /``: an HTML index of the modules.
+  streamed, with ``Content-Length``, a strong ``ETag`` (the archive's SHA-256) and
+  ``Last-Modified``, and RFC 9110's conditionals and ranges: ``If-Match`` and
+  ``If-Unmodified-Since`` (412), ``If-None-Match`` and ``If-Modified-Since`` (304),
+  ``Range`` with ``If-Range`` (206/416; an invalid ``Range`` is ignored), ``HEAD``.
+  Other methods get 405 with ``Allow``.
+- ``GET /NAME/VERSION``: an HTML page about the module (``pages.py``).
+- ``GET /``: an HTML index of the modules, each listed once with its versions.
 
 With ``infer=InferOptions(...)`` (``asynchub serve --infer``) the same app also answers
 predictions over the Open Inference Protocol under ``/v2`` (``infer.py``).
@@ -19,14 +22,15 @@ predictions over the Open Inference Protocol under ``/v2`` (``infer.py``).
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import hashlib
-import html
-import importlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
-import tarfile
 import tempfile
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -38,21 +42,28 @@ from urllib.parse import quote
 import anyio
 import anyio.to_thread
 
-from .._pack import MODULE_MARKERS, fingerprint, pack
+from .._pack import fingerprint, pack
 from ..errors import HubError, MissingDependencyError, ModuleError
+from . import pages
 from .options import InferOptions
-from .repository import ARCHIVE_SUFFIX, ModuleSource, locate, scan, split_module_path
+from .repository import (
+    ARCHIVE_SUFFIX,
+    ModuleSource,
+    is_whole,
+    latest,
+    locate,
+    scan,
+    split_module_path,
+    versions,
+)
 
 try:
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import (
-        FileResponse,
-        HTMLResponse,
-        PlainTextResponse,
-        Response,
-    )
+    from starlette.responses import HTMLResponse, PlainTextResponse, Response
     from starlette.routing import Route
+    from starlette.types import Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover - exercised without the server extra only
     raise MissingDependencyError(
         f'hosting modules needs the server extra ({exc}): pip install "asynchub[server]"'
@@ -77,8 +88,7 @@ ARCHIVE_MEDIA_TYPE = "application/gzip"
 # directory under ROOT can change under the same URL.
 _CACHE_CONTROL = "no-cache"
 _HASH_CHUNK = 1 << 20
-# saved_model.pb read from a prebuilt archive for the HTML page, at most this big.
-_MAX_GRAPH_BYTES = 256 << 20
+_SEND_CHUNK = 256 << 10
 _MEMO_LIMIT = 1024
 
 
@@ -90,208 +100,183 @@ def requested_formats(values: list[str]) -> list[str]:
     return [f.strip().lower() for value in values for f in value.split(",") if f.strip()]
 
 
+# -- HTTP to the letter (RFC 9110): validators, preconditions, ranges -------------------------
+
+_ETAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+
+
+def _entity_tags(value: str) -> list[tuple[bool, str]] | None:
+    """An ``If-Match``/``If-None-Match`` list as ``(weak, tag)`` pairs; ``None`` for ``*``.
+
+    Tags are read whole, so a comma inside one does not split it; a malformed list
+    yields the tags before the fault (a missing tag never matches).
+    """
+    if value.strip() == "*":
+        return None
+    tags: list[tuple[bool, str]] = []
+    position = 0
+    while position < len(value):
+        if not value[position:].strip(" \t,"):
+            break
+        if value[position] in " \t,":
+            position += 1  # empty list elements are allowed (RFC 9110 §5.6.1)
+            continue
+        match = _ETAG.match(value, position)
+        if match is None:
+            break
+        tags.append((match[1] is not None, match[2]))
+        position = match.end()
+    return tags
+
+
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
     """``If-None-Match`` semantics: ``*`` or any listed tag, compared weakly (RFC 9110)."""
     if if_none_match is None:
         return False
-    tags = [tag.strip() for tag in if_none_match.split(",")]
-    return "*" in tags or any(tag.removeprefix("W/") == etag for tag in tags)
+    tags = _entity_tags(if_none_match)
+    return tags is None or any(tag == etag for _weak, tag in tags)
 
 
-def _human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit} ({size} bytes)"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
+def _strong_match(if_match: str, etag: str) -> bool:
+    tags = _entity_tags(if_match)
+    return tags is None or any(not weak and tag == etag for weak, tag in tags)
 
 
-# -- signatures, read from saved_model.pb --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    key: str
-    dtype: str
-    shape: str
-
-
-@dataclass(frozen=True)
-class _Signature:
-    name: str
-    inputs: tuple[_Tensor, ...]
-    outputs: tuple[_Tensor, ...]
-
-
-@dataclass(frozen=True)
-class _Description:
-    size: str
-    signatures: tuple[_Signature, ...]
-    note: str | None  # why no signatures are shown
-
-
-def _describe_graph(data: bytes, *, text: bool) -> tuple[_Signature, ...]:
-    """The signatures of a serialized SavedModel, parsed without loading the graph."""
-    from .._tf import import_tensorflow
-
-    tf = import_tensorflow()
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved_model = saved_model_pb2.SavedModel()
-    if text:
-        # protobuf ships no type stubs; imported by name to keep it an Any.
-        text_format = importlib.import_module("google.protobuf.text_format")
-        text_format.Parse(data.decode("utf-8"), saved_model)
-    else:
-        saved_model.ParseFromString(data)
-    graphs = list(saved_model.meta_graphs)
-    if not graphs:
-        return ()
-    meta = next((g for g in graphs if "serve" in g.meta_info_def.tags), graphs[0])
-
-    def dtype_name(value: int) -> str:
-        try:
-            return str(tf.dtypes.as_dtype(value).name)
-        except (TypeError, ValueError):
-            return f"dtype {value}"
-
-    def shape_text(shape: Any) -> str:
-        if shape.unknown_rank:
-            return "unknown rank"
-        dims = ["None" if d.size < 0 else str(d.size) for d in shape.dim]
-        return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
-
-    def tensors(infos: Any) -> tuple[_Tensor, ...]:
-        return tuple(
-            _Tensor(key, dtype_name(infos[key].dtype), shape_text(infos[key].tensor_shape))
-            for key in sorted(infos)
-        )
-
-    return tuple(
-        _Signature(name, tensors(sig.inputs), tensors(sig.outputs))
-        for name, sig in sorted(meta.signature_def.items())
-        if not name.startswith("__")  # __saved_model_init_op and the like
-    )
-
-
-def _graph_from_dir(directory: Path) -> tuple[bytes, bool] | None:
-    for marker in MODULE_MARKERS:
-        path = directory / marker
-        if path.is_file():
-            return path.read_bytes(), marker.endswith(".pbtxt")
-    return None
-
-
-def _graph_from_archive(archive: Path) -> tuple[bytes, bool] | None:
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            name = member.name.removeprefix("./")
-            if name in MODULE_MARKERS and member.isfile() and member.size <= _MAX_GRAPH_BYTES:
-                f = tar.extractfile(member)
-                if f is not None:
-                    return f.read(), name.endswith(".pbtxt")
-    return None
-
-
-def _describe(source: ModuleSource) -> _Description:
-    """Size and signatures of a module, for its HTML page (blocking: run in a thread)."""
-    if source.prebuilt:
-        size = f"{_human_size(source.path.stat().st_size)}, compressed"
-    else:
-        files = [p for p in source.path.resolve().rglob("*") if p.is_file()]
-        total = sum(p.stat().st_size for p in files)
-        size = f"{_human_size(total)} in {len(files)} files, uncompressed"
+def _http_date(value: str | None) -> int | None:
+    """An HTTP-date as Unix seconds; ``None`` when absent or not a date (then ignored)."""
+    if value is None:
+        return None
     try:
-        graph = (
-            _graph_from_archive(source.path) if source.prebuilt else _graph_from_dir(source.path)
-        )
-        if graph is None:
-            return _Description(size, (), "no saved_model.pb was found")
-        return _Description(size, _describe_graph(graph[0], text=graph[1]), None)
-    except MissingDependencyError:
-        return _Description(
-            size, (), 'signatures need TensorFlow on the server: pip install "asynchub[tensorflow]"'
-        )
-    except Exception as exc:  # a corrupt graph or archive must not break the page
-        logger.warning("cannot read the signatures of %s: %s", source.id, exc)
-        return _Description(size, (), f"saved_model.pb could not be read: {exc}")
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:  # "-0000", or no zone at all: HTTP dates are GMT
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
 
 
-# -- HTML -----------------------------------------------------------------------------------
-
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
-    "table{border-collapse:collapse;margin:.5rem 0 1.5rem}"
-    "td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}"
-    "pre{background:#f4f4f4;padding:.75rem;overflow-x:auto}"
-)
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
-        f"<body>\n{body}\n</body></html>\n"
-    )
-
-
-def _module_page(source: ModuleSource, info: _Description, url: str, base: str) -> str:
-    e = html.escape
-    snippet = f'import asynchub as hub\n\nm = hub.load("{url}")'
-    parts = [
-        f"<h1>{e(source.name)} <small>version {e(source.version)}</small></h1>",
-        f"<p>{'Prebuilt archive' if source.prebuilt else 'SavedModel directory'}, "
-        f"{e(info.size)}. <a href='?tf-hub-format=compressed'>Download</a> the "
-        "<code>tar.gz</code>.</p>",
-        "<h2>Use it</h2>",
-        f"<pre><code>{e(snippet)}</code></pre>",
-        "<h2>Signatures</h2>",
-    ]
-    if info.note:
-        parts.append(f"<p>{e(info.note)}</p>")
-    elif not info.signatures:
-        parts.append("<p>This module has no signatures.</p>")
-    for sig in info.signatures:
-        parts.append(f"<h3><code>{e(sig.name)}</code></h3>")
-        parts.append("<table><tr><th></th><th>name</th><th>dtype</th><th>shape</th></tr>")
-        for kind, tensors in (("input", sig.inputs), ("output", sig.outputs)):
-            for t in tensors:
-                parts.append(
-                    f"<tr><td>{kind}</td><td><code>{e(t.key)}</code></td>"
-                    f"<td>{e(t.dtype)}</td><td>{e(t.shape)}</td></tr>"
-                )
-        parts.append("</table>")
-    parts.append(f"<p><a href='{e(base)}/'>All modules</a></p>")
-    return _page(f"{source.id} - asynchub", "\n".join(parts))
+def _parse_range(value: str, size: int) -> list[tuple[int, int]] | None:
+    """The satisfiable byte ranges of a ``Range`` value, as ``[start, end)``, sorted and
+    merged; ``[]`` when none is satisfiable (416); ``None`` when the field is to be ignored
+    (not bytes, or not valid: RFC 9110 §14.2 sends the whole representation then)."""
+    unit, equals, ranges_set = value.partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return None
+    found: list[tuple[int, int]] = []
+    specs = [s.strip() for s in ranges_set.split(",")]
+    if not any(specs):
+        return None
+    for spec in specs:
+        if not spec:
+            continue  # an empty list element
+        first, dash, last = spec.partition("-")
+        first, last = first.strip(), last.strip()
+        if not dash or not all(p.isascii() and p.isdigit() for p in (first, last) if p):
+            return None
+        if not first:
+            if not last:
+                return None
+            suffix = int(last)
+            if suffix > 0 and size > 0:
+                found.append((max(size - suffix, 0), size))
+            continue
+        start = int(first)
+        if last and int(last) < start:
+            return None
+        if start < size:
+            found.append((start, min(int(last) + 1, size) if last else size))
+    found.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in found:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
-def _index_page(sources: list[ModuleSource], base: str) -> str:
-    e = html.escape
-    rows = "\n".join(
-        f"<tr><td><a href='{e(base + '/' + quote(s.id))}'>{e(s.name)}</a></td>"
-        f"<td>{e(s.version)}</td><td>{'archive' if s.prebuilt else 'directory'}</td></tr>"
-        for s in sources
-    )
-    body = "<h1>Modules</h1>\n" + (
-        f"<table><tr><th>name</th><th>version</th><th>source</th></tr>\n{rows}\n</table>"
-        if sources
-        else "<p>No modules yet: add NAME/VERSION/ directories or NAME/VERSION.tar.gz files.</p>"
-    )
-    return _page("Modules - asynchub", body)
+@dataclass(frozen=True)
+class _Answer:
+    """What a download request gets, decided from its headers before a byte is read."""
+
+    status: int  # 200, 206, 304, 412 or 416
+    start: int = 0
+    end: int = 0
+
+
+def _decide(headers: Any, method: str, etag: str, mtime: int, size: int) -> _Answer:
+    """RFC 9110 §13.2.2's order: If-Match, If-Unmodified-Since, If-None-Match,
+    If-Modified-Since, then Range with If-Range."""
+    if_match = headers.get("if-match")
+    if if_match is not None:
+        if not _strong_match(if_match, etag):
+            return _Answer(412)
+    else:
+        since = _http_date(headers.get("if-unmodified-since"))
+        if since is not None and mtime > since:
+            return _Answer(412)
+    if_none_match = headers.get("if-none-match")
+    if if_none_match is not None:
+        if etag_matches(if_none_match, etag):
+            return _Answer(304)
+    else:
+        since = _http_date(headers.get("if-modified-since"))
+        if since is not None and mtime <= since:
+            return _Answer(304)
+    whole = _Answer(200, 0, size)
+    range_value = headers.get("range")
+    if range_value is None or method not in ("GET", "HEAD"):
+        return whole
+    if_range = headers.get("if-range")
+    if if_range is not None:
+        if_range = if_range.strip()
+        if if_range.startswith(('"', "W/")):
+            if if_range != etag:  # a strong comparison: a weak tag never matches
+                return whole
+        elif _http_date(if_range) != mtime:
+            return whole
+    ranges = _parse_range(range_value, size)
+    if ranges is None:
+        return whole
+    if not ranges:
+        return _Answer(416)
+    if len(ranges) > 1:
+        # Several disjoint ranges: the whole archive, as RFC 9110 §14.2 allows, rather
+        # than multipart/byteranges (which no archive client asks for).
+        return whole
+    return _Answer(206, *ranges[0])
 
 
 # -- the app --------------------------------------------------------------------------------
 
 
-def _hash_file(path: Path) -> tuple[os.stat_result, str]:
-    """The file's stat and strong ETag (its SHA-256), from one open file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return st, f'"{digest.hexdigest()[:40]}"'
+def _open_archive(
+    path: Path, etags: dict[Any, str], prebuilt: bool
+) -> tuple[int, os.stat_result, str]:
+    """An open descriptor of ``path``, its stat and its strong ETag (the SHA-256 of these
+    very bytes: a file renamed over ``path`` meanwhile cannot mix its bytes in).
+
+    Raises ``FileNotFoundError`` for a prebuilt archive that is no longer whole (copied
+    over in place since it was located), so that the caller looks it up again.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        if prebuilt and not is_whole(path):
+            raise FileNotFoundError(f"{path} is being rewritten")
+        etag = etags.get(_stat_key(st))
+        if etag is None:
+            digest = hashlib.sha256()
+            offset = 0
+            while chunk := os.pread(fd, _HASH_CHUNK, offset):
+                digest.update(chunk)
+                offset += len(chunk)
+            etag = f'"{digest.hexdigest()[:40]}"'
+            _memo_put(etags, _stat_key(st), etag)
+        return fd, st, etag
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -314,7 +299,7 @@ class _Host:
         self._locks: dict[str, anyio.Lock] = {}
         self._packed: dict[str, tuple[str, Path]] = {}  # id -> (fingerprint, archive)
         self._etags: dict[tuple[int, int, int, int], str] = {}
-        self._pages: dict[Any, _Description] = {}
+        self._pages: dict[Any, pages.Description] = {}
 
     def cache_dir(self) -> Path:
         if self._cache_dir is None:
@@ -362,16 +347,11 @@ class _Host:
                 return target
         raise ModuleError(f"{source.id} kept changing while it was packed")
 
-    async def etag(self, path: Path) -> tuple[os.stat_result, str]:
-        st = await anyio.to_thread.run_sync(os.stat, path)
-        cached = self._etags.get(_stat_key(st))
-        if cached is not None:
-            return st, cached
-        st, etag = await anyio.to_thread.run_sync(_hash_file, path)
-        _memo_put(self._etags, _stat_key(st), etag)
-        return st, etag
+    async def open(self, path: Path, prebuilt: bool) -> tuple[int, os.stat_result, str]:
+        """``path`` opened, with its stat and ETag (hashed once per stat)."""
+        return await anyio.to_thread.run_sync(_open_archive, path, self._etags, prebuilt)
 
-    async def describe(self, source: ModuleSource) -> _Description:
+    async def describe(self, source: ModuleSource) -> pages.Description:
         key: Any = None
         if source.prebuilt:
             key = ("archive", source.id, _stat_key(source.path.stat()))
@@ -380,10 +360,75 @@ class _Host:
                 key = ("dir", source.id, await anyio.to_thread.run_sync(fingerprint, source.path))
         info = self._pages.get(key) if key is not None else None
         if info is None:
-            info = await anyio.to_thread.run_sync(_describe, source)
+            info = await anyio.to_thread.run_sync(pages.describe, source)
             if key is not None:
                 _memo_put(self._pages, key, info)
         return info
+
+
+class _ArchiveResponse(Response):
+    """Bytes ``[start, end)`` of an open archive, streamed; the descriptor is closed after.
+
+    Stops reading when the client goes away (the server would go on accepting writes).
+    """
+
+    def __init__(self, fd: int, status: int, start: int, end: int, headers: dict[str, str]) -> None:
+        super().__init__(
+            status_code=status, headers={**headers, "Content-Length": str(end - start)}
+        )
+        self._fd, self._start, self._end = fd, start, end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            if scope["method"] == "HEAD" or self._start == self._end:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    position = self._start
+                    while position < self._end:
+                        size = min(_SEND_CHUNK, self._end - position)
+                        chunk = await anyio.to_thread.run_sync(os.pread, self._fd, size, position)
+                        if not chunk:
+                            raise ModuleError("the archive got shorter while it was sent")
+                        position += len(chunk)
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": chunk,
+                                "more_body": position < self._end,
+                            }
+                        )
+                    group.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                group.start_soon(watch)
+        finally:
+            os.close(self._fd)
+
+
+def _disposition(filename: str) -> str:
+    """``Content-Disposition`` for ``filename``: an ASCII fallback, and the UTF-8 name
+    when it differs (RFC 6266)."""
+    fallback = "".join(
+        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename
+    )
+    if fallback == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{fallback}\"; filename*=utf-8''{quote(filename, safe='')}"
 
 
 def _base(request: Request) -> str:
@@ -391,8 +436,73 @@ def _base(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/")
 
 
-def _not_found() -> Response:
-    return PlainTextResponse("No such module here; / lists the modules.\n", status_code=404)
+def _not_found(message: str = "No such module here; / lists the modules.") -> Response:
+    # Modules come and go under ROOT: a cache must ask again rather than keep this.
+    headers = {"Cache-Control": "no-cache"}
+    return PlainTextResponse(message + "\n", status_code=404, headers=headers)
+
+
+def _half_copied(root: Path, name: str, version: str) -> bool:
+    """Whether ``NAME/VERSION.tar.gz`` is there but not whole (``locate`` passed it over)."""
+    archive = root / name / f"{version}{ARCHIVE_SUFFIX}"
+    try:
+        return archive.is_file() and archive.resolve().is_relative_to(root)
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+async def _missing(root: Path, name: str, version: str) -> Response:
+    if await anyio.to_thread.run_sync(_half_copied, root, name, version):
+        return _not_found(
+            f"{name}/{version}{ARCHIVE_SUFFIX} is not whole yet (still being copied, or "
+            "truncated), so that version is not served; ask again once it is complete. "
+            "/ lists the versions there are."
+        )
+    return _not_found()
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    """405 with the ``Allow`` header starlette's router computed, and a sentence."""
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    allowed = (headers or {}).get("Allow", "GET, HEAD")
+    message = f"{request.method} is not allowed here; this URL answers {allowed}."
+    if request.url.path.startswith("/v2/"):  # the protocol's error shape
+        body = json.dumps({"error": message}).encode()
+        return Response(body, 405, headers, media_type="application/json")
+    return PlainTextResponse(message + "\n", 405, headers)
+
+
+def _download(
+    request: Request, source: ModuleSource, fd: int, st: os.stat_result, etag: str
+) -> Response:
+    """The answer to a download: the archive (or part of it) from ``fd``, else a status, by
+    RFC 9110. Only an :class:`_ArchiveResponse` takes ``fd`` over."""
+    mtime = int(st.st_mtime)
+    headers = {
+        "ETag": etag,
+        "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
+        "Cache-Control": _CACHE_CONTROL,
+        "Accept-Ranges": "bytes",
+    }
+    answer = _decide(request.headers, request.method, etag, mtime, st.st_size)
+    if answer.status in (200, 206):
+        filename = f"{source.name.replace('/', '-')}-{source.version}{ARCHIVE_SUFFIX}"
+        headers["Content-Type"] = ARCHIVE_MEDIA_TYPE
+        headers["Content-Disposition"] = _disposition(filename)
+        if answer.status == 206:
+            headers["Content-Range"] = f"bytes {answer.start}-{answer.end - 1}/{st.st_size}"
+        return _ArchiveResponse(fd, answer.status, answer.start, answer.end, headers)
+    if answer.status == 304:
+        return Response(status_code=304, headers=headers)
+    if answer.status == 416:
+        headers["Content-Range"] = f"bytes */{st.st_size}"
+        message = f"No byte of the range asked for is in the archive ({st.st_size} bytes).\n"
+        return PlainTextResponse(message, status_code=416, headers=headers)
+    message = (
+        f"{source.id} is not the archive that If-Match or If-Unmodified-Since expects; "
+        f"its ETag is now {etag}.\n"
+    )
+    return PlainTextResponse(message, status_code=412, headers=headers)
 
 
 def create_app(
@@ -424,7 +534,12 @@ def create_app(
 
     async def index(request: Request) -> Response:
         sources = await anyio.to_thread.run_sync(scan, host.root)
-        return HTMLResponse(_index_page(sources, _base(request)))
+        by_name: dict[str, list[ModuleSource]] = {}
+        for source in sources:
+            by_name.setdefault(source.name, []).append(source)
+        newest = {name: latest(found) for name, found in by_name.items()}
+        page = pages.index(sources, newest, _base(request), infer=inference is not None)
+        return HTMLResponse(page)
 
     async def module(request: Request) -> Response:
         parsed = split_module_path(request.path_params["path"])
@@ -432,14 +547,23 @@ def create_app(
             return _not_found()
         source = await anyio.to_thread.run_sync(locate, host.root, *parsed)
         if source is None:
-            return _not_found()
+            return await _missing(host.root, *parsed)
         if "tf-hub-format" not in request.query_params:
             try:
                 info = await host.describe(source)
             except FileNotFoundError:  # removed since it was located
                 return _not_found()
-            url = str(request.url.replace(query="", fragment=""))
-            return HTMLResponse(_module_page(source, info, url, _base(request)))
+            found = await anyio.to_thread.run_sync(versions, host.root, source.name)
+            page = pages.module(
+                source,
+                info,
+                url=str(request.url.replace(query="", fragment="")),
+                base=_base(request),
+                versions=found,
+                latest=latest(found),
+                infer=inference is not None,
+            )
+            return HTMLResponse(page)
         formats = requested_formats(request.query_params.getlist("tf-hub-format"))
         if not any(f in FORMATS for f in formats):
             return PlainTextResponse(
@@ -450,14 +574,14 @@ def create_app(
         for _attempt in range(3):
             try:
                 archive = await host.archive(source)
-                st, etag = await host.etag(archive)
+                fd, st, etag = await host.open(archive, source.prebuilt)
                 break
             except FileNotFoundError:
                 # Replaced by its publisher, or repacked by a request that saw the
                 # directory change: look it up again.
                 source = await anyio.to_thread.run_sync(locate, host.root, *parsed)
                 if source is None:
-                    return _not_found()
+                    return await _missing(host.root, *parsed)
             except HubError as exc:
                 # The details (paths on this machine) go to the log, not to the client.
                 logger.error("cannot pack %s: %s", source.id, exc)
@@ -468,18 +592,14 @@ def create_app(
             return PlainTextResponse(
                 f"{source.id} keeps changing; try again later.\n", status_code=503
             )
-        headers = {"ETag": etag, "Cache-Control": _CACHE_CONTROL}
-        if etag_matches(request.headers.get("if-none-match"), etag):
-            return Response(status_code=304, headers=headers)
-        # FileResponse streams in chunks and does HEAD, Range (206/416) and If-Range
-        # against the ETag given here; only If-None-Match is left to us.
-        return FileResponse(
-            archive,
-            stat_result=st,
-            media_type=ARCHIVE_MEDIA_TYPE,
-            headers=headers,
-            filename=f"{source.name.replace('/', '-')}-{source.version}{ARCHIVE_SUFFIX}",
-        )
+        try:
+            response = _download(request, source, fd, st, etag)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not isinstance(response, _ArchiveResponse):
+            os.close(fd)  # else the response closes it once it is sent
+        return response
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -498,6 +618,7 @@ def create_app(
             Route("/", index, methods=["GET"]),
             Route("/{path:path}", module, methods=["GET"]),
         ],
+        exception_handlers={405: _not_allowed},
         lifespan=lifespan,
     )
 
