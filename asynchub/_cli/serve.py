@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,6 +15,25 @@ from ..errors import MissingDependencyError
 from .common import cache_dir_option, errors_as_exit
 
 __all__ = ["serve"]
+
+_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1 << 10, "mb": 1000**2, "mib": 1 << 20}
+_UNITS |= {"gb": 1000**3, "gib": 1 << 30}
+
+
+class _Size(click.ParamType[int]):
+    """A number of bytes: ``67108864``, ``64MiB``, ``500kB``."""
+
+    name = "bytes"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        digits = text.rstrip("BbKkMmGgIi ")
+        unit = _UNITS.get(text[len(digits) :].strip().lower())
+        if not digits.isdigit() or not digits.isascii() or unit is None or int(digits) < 1:
+            self.fail(f"{value!r} is not a size in bytes, like 67108864 or 64MiB", param, ctx)
+        return int(digits) * unit
 
 
 @click.command()
@@ -52,6 +72,34 @@ __all__ = ["serve"]
     "--no-batching", is_flag=True, help="With --infer: run each request alone (no batches)."
 )
 @click.option(
+    "--max-input-size",
+    type=_Size(),
+    default="64MiB",
+    show_default=True,
+    help="With --infer: the most bytes a request body may hold, compressed and inflated (413).",
+)
+@click.option(
+    "--max-request-rows",
+    type=click.IntRange(min=1),
+    default=65536,
+    show_default=True,
+    help="With --infer: the most rows (first dimension) of an input in one request (413).",
+)
+@click.option(
+    "--max-request-elements",
+    type=click.IntRange(min=1),
+    default=1 << 24,
+    show_default=True,
+    help="With --infer: the most values all inputs of one request may hold (413).",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="With --infer: seconds a request body may take to arrive in full (408).",
+)
+@click.option(
     "--loop",
     type=click.Choice(["auto", "uvloop", "asyncio"]),
     default="auto",
@@ -82,6 +130,10 @@ def serve(
     max_delay_ms: float,
     max_queue: int,
     no_batching: bool,
+    max_input_size: int,
+    max_request_rows: int,
+    max_request_elements: int,
+    body_timeout: float,
     loop: str,
     http: str,
     access_log: bool,
@@ -95,7 +147,17 @@ def serve(
     (docs/serving.md).
     """
     ctx = click.get_current_context()
-    infer_only = ("preload", "max_batch_size", "max_delay_ms", "max_queue", "no_batching")
+    infer_only = (
+        "preload",
+        "max_batch_size",
+        "max_delay_ms",
+        "max_queue",
+        "no_batching",
+        "max_input_size",
+        "max_request_rows",
+        "max_request_elements",
+        "body_timeout",
+    )
     given = [
         f"--{name.replace('_', '-')}"
         for name in infer_only
@@ -120,6 +182,10 @@ def serve(
             max_batch_size=max_batch_size,
             max_delay=max_delay_ms / 1000,
             max_queue=max_queue,
+            max_input_size=max_input_size,
+            max_request_rows=max_request_rows,
+            max_request_elements=max_request_elements,
+            body_timeout=body_timeout,
         )
     with errors_as_exit():
         app = create_app(root, cache_dir=cache_dir, infer=options or False)

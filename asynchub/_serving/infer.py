@@ -20,6 +20,11 @@ converted once in a worker thread, and its outputs come back as numpy, one
 ``.numpy()`` per batch cut into views, which the answers are encoded from. TensorFlow
 never runs on the event loop.
 
+Each request is bounded before its memory is spent (:class:`InferOptions`: body size,
+compressed and inflated, rows, values, the time its body takes), and nothing big runs on
+the event loop: a body is read by a raw ASGI endpoint into one buffer, big JSON is parsed
+in a worker process, big binary data and big answers in worker threads, in pieces.
+
 The protocol's codec (paths, decoding requests, binding them to a signature, encoding
 responses) is plain functions in ``oip.py``; :class:`Inference` here holds the models and
 the routes.
@@ -27,30 +32,40 @@ the routes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import json
 import logging
+import multiprocessing
+import sys
 import time
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import anyio
 import anyio.to_thread
-from starlette.requests import Request
+from starlette.datastructures import QueryParams
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Message, Receive, Scope, Send
 
 from .._batching import in_thread
 from .._module import Module, SignatureInfo, default_signature, load_module
 from .._version import __version__
 from ..errors import HubError, ProtocolError, QueueFullError, SignatureError
 from .oip import (
+    Limits,
     bind,
+    decode_remote,
     decode_request,
     describe_tensor,
-    encode_response,
+    encode_parts,
     inflate,
     parse_model_path,
 )
@@ -61,17 +76,22 @@ __all__ = ["Inference"]
 
 logger = logging.getLogger("asynchub.server")
 
-#: A JSON part bigger than this is parsed (and outputs with more values than
-#: _OFFLOAD_VALUES are encoded) in a worker thread, so one big request does not stall
-#: the event loop for the others.
+#: A body bigger than this is inflated and decoded (and outputs with more values than
+#: _OFFLOAD_VALUES are encoded, in pieces) in a worker thread, so one big request does
+#: not stall the event loop for the others.
 _OFFLOAD_BYTES: Final = 256 << 10
 _OFFLOAD_VALUES: Final = 1 << 16
+#: JSON bigger than this is parsed in a worker process: a thread parsing it would hold
+#: the GIL, and so the event loop, for the whole parse (~20 ms per MB).
+_PROCESS_BYTES: Final = 1 << 20
+_PROCESS_WORKERS: Final = 2
+#: An answer up to this size is sent in one piece; a bigger one as it was encoded.
+_JOIN_BYTES: Final = 256 << 10
 #: Seconds a name's latest version is remembered before the directory is listed again.
 _LATEST_TTL: Final = 2.0
 _MEMO_LIMIT: Final = 1024
 _PLATFORM: Final = "tensorflow_savedmodel"
 _EXTENSIONS: Final = ("binary_tensor_data",)
-_HEADER_LENGTH: Final = "inference-header-content-length"
 
 
 # -- the models -------------------------------------------------------------------------------
@@ -198,8 +218,15 @@ class Inference:
         self._hub_lock = anyio.Lock()
         # Loading is heavy and rare: one at a time, on a thread of its own.
         self._load_threads = anyio.CapacityLimiter(1)
-        # Parsing and encoding big bodies (the GIL is held; it only keeps the loop turning).
+        # Decoding and encoding big bodies, in pieces that let the loop turn.
         self._codec_threads = anyio.CapacityLimiter(2)
+        # Big JSON bodies are parsed in worker processes, made on first need.
+        self._processes: ProcessPoolExecutor | None = None
+        self._process_waiters = anyio.CapacityLimiter(_PROCESS_WORKERS)
+        self._no_processes = False
+        self._processes_worked = False
+        self._limits = Limits(options.max_request_rows, options.max_request_elements)
+        self._asyncio = False  # set by start(): the event loop is asyncio's (or uvloop)
 
     # -- life ---------------------------------------------------------------------------------
 
@@ -208,6 +235,7 @@ class Inference:
         model version under ROOT if the options say ``preload``."""
         from .._tf import import_tensorflow
 
+        self._asyncio = _on_asyncio()
         await anyio.to_thread.run_sync(import_tensorflow, limiter=self._load_threads)
         if not self.options.preload:
             return
@@ -218,6 +246,9 @@ class Inference:
                 logger.error("preloading %s/%s failed: %s", source.name, source.version, exc)
 
     async def close(self) -> None:
+        processes, self._processes = self._processes, None
+        if processes is not None:
+            processes.shutdown(wait=False, cancel_futures=True)
         hub, self._hub = self._hub, None
         if hub is not None:
             await hub.aclose()
@@ -342,21 +373,18 @@ class Inference:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def infer(self, name: str, version: str | None, request: Request) -> Response:
+    async def infer(
+        self, name: str, version: str | None, headers: _Headers, receive: Receive
+    ) -> Response:
         model = await self.model(name, version)
-        body = await request.body()
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        body = await self._read_body(headers, receive)
+        encoding = (headers.encoding or "identity").strip().lower()
         if encoding != "identity":
-            body = await self._codec(len(body) > _OFFLOAD_BYTES, inflate, body, encoding)
-        header = request.headers.get(_HEADER_LENGTH)
-        try:
-            header_length = None if header is None else int(header)
-        except ValueError:
-            raise ProtocolError(
-                400, f"Inference-Header-Content-Length {header!r} is not a number"
-            ) from None
-        json_size = len(body) if header_length is None else header_length
-        decoded = await self._codec(json_size > _OFFLOAD_BYTES, decode_request, body, header_length)
+            body = await self._codec(
+                len(body) > _OFFLOAD_BYTES, inflate, body, encoding, self.options.max_input_size
+            )
+        header_length = _header_length(headers.header_length)
+        decoded = await self._decode(body, header_length)
         info = model.signature(decoded.signature)
         where = f"{model.label}, signature {info.name!r}"
         inputs = bind(info, where, decoded.inputs)
@@ -386,22 +414,90 @@ class Inference:
             logger.exception("%s failed", where)
             raise ProtocolError(500, f"{where} failed; the server's log says why") from exc
         outputs = [(output, result[output], binary) for output, binary in wanted]
-        values = sum(a.size for _, a, binary in outputs if not binary)
-        content, head = await self._codec(
+        # Values written one by one: JSON ones, and BYTES strings even as binary.
+        values = sum(a.size for _, a, binary in outputs if not binary or a.dtype == object)
+        parts, head = await self._codec(
             values > _OFFLOAD_VALUES,
-            encode_response,
+            encode_parts,
             model.source.name,
             model.source.version,
             decoded.id,
             outputs,
         )
         if head is None:
-            return Response(content, media_type="application/json")
-        return Response(
-            content,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(head)},
+            return _Parts(parts, "application/json")
+        return _Parts(
+            parts, "application/octet-stream", {"Inference-Header-Content-Length": str(head)}
         )
+
+    async def _read_body(self, headers: _Headers, receive: Receive) -> bytes | bytearray:
+        """The request's body, read into one buffer: refused (413) as soon as it is known
+        to pass ``max_input_size``, and (408) if it is not all there in ``body_timeout``."""
+        limit = self.options.max_input_size
+        declared = headers.length
+        length: int | None = None
+        if declared is not None:
+            if not declared.isdigit():  # uvicorn's parser lets no such request through
+                raise ProtocolError(400, f"Content-Length {declared!r} is not a number")
+            length = int(declared)
+            if length > limit:
+                raise _too_large(f"the request body has {length} bytes", limit)
+        try:
+            if self._asyncio:  # a third of the cost of anyio's scope, on every request
+                async with asyncio.timeout(self.options.body_timeout):
+                    return await _receive_into(receive, length, limit)
+            with anyio.fail_after(self.options.body_timeout):
+                return await _receive_into(receive, length, limit)
+        except TimeoutError:
+            raise ProtocolError(
+                408,
+                f"the request body did not arrive within {self.options.body_timeout:g} s "
+                "(--body-timeout); send it faster, or send less",
+            ) from None
+
+    async def _decode(self, body: bytes | bytearray, header_length: int | None) -> Any:
+        """The request decoded: big JSON in a worker process, so the event loop's process
+        does not hold the GIL for it (CPython's JSON parser and ``np.asarray`` never let go
+        of it); big binary data in a worker thread; small requests on the loop."""
+        limits = self._limits
+        json_size = len(body) if header_length is None else min(header_length, len(body))
+        if json_size > _PROCESS_BYTES and not self._no_processes:
+            try:
+                decoded = await self._in_process(decode_remote, body, header_length, limits)
+            except (BrokenProcessPool, OSError) as exc:
+                processes, self._processes = self._processes, None
+                if processes is not None:
+                    processes.shutdown(wait=False, cancel_futures=True)
+                if self._processes_worked:  # a worker died on this request (out of memory?)
+                    logger.error("a worker process died decoding a request: %s", exc)
+                    raise ProtocolError(
+                        500, "the request could not be decoded; the server's log says why"
+                    ) from exc
+                # Worker processes cannot start here: decode in a thread from now on.
+                logger.warning("big JSON requests are decoded in a thread: %s", exc)
+                self._no_processes = True
+            else:
+                self._processes_worked = True
+                if isinstance(decoded, tuple):
+                    raise ProtocolError(*decoded)
+                return decoded
+        return await self._codec(
+            len(body) > _OFFLOAD_BYTES, decode_request, body, header_length, limits
+        )
+
+    async def _in_process(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._processes is None:
+            # forkserver: the workers are not forks of this process and its TensorFlow
+            # threads; they import numpy and the codec, nothing more.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["asynchub._serving.oip"])
+            self._processes = ProcessPoolExecutor(_PROCESS_WORKERS, mp_context=context)
+        with _without_main():
+            future = self._processes.submit(fn, *args)
+        try:
+            return await anyio.to_thread.run_sync(future.result, limiter=self._process_waiters)
+        finally:
+            future.cancel()
 
     async def _codec(self, offload: bool, fn: Callable[..., Any], *args: Any) -> Any:
         if not offload:
@@ -411,50 +507,216 @@ class Inference:
     def routes(self) -> list[BaseRoute]:
         """The ``/v2`` routes; they go before the module host's catch-all route."""
 
-        async def server_metadata(request: Request) -> Response:
+        async def server_metadata(scope: Scope, receive: Receive) -> Response:
+            _allow(scope, _GET, "the server's metadata")
             return _json(
                 {"name": "asynchub", "version": __version__, "extensions": list(_EXTENSIONS)}
             )
 
-        async def live(request: Request) -> Response:
+        async def live(scope: Scope, receive: Receive) -> Response:
+            _allow(scope, _GET, "health")
             return _json({"live": True})
 
-        async def ready(request: Request) -> Response:
+        async def ready(scope: Scope, receive: Receive) -> Response:
+            _allow(scope, _GET, "health")
             return _json({"ready": True})
 
-        async def models(request: Request) -> Response:
-            try:
-                parsed = parse_model_path(request.path_params["path"])
-                if parsed is None:
-                    raise ProtocolError(404, "no such model path; see /v2/models/NAME")
-                name, version, action = parsed
-                wanted = "POST" if action == "infer" else "GET"
-                if request.method != wanted:
-                    raise ProtocolError(405, f"{action} takes {wanted}, not {request.method}")
-                if action == "infer":
-                    return await self.infer(name, version, request)
-                model = await self.model(name, version)
-                if action == "ready":
-                    return _json({"name": name, "ready": True})
-                found = await anyio.to_thread.run_sync(versions, self.root, name)
-                signature = request.query_params.get("signature")
-                return _json(model.metadata(signature, [s.version for s in found]))
-            except ProtocolError as exc:
-                headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-                return _json({"error": exc.message}, exc.status, headers)
+        async def models(scope: Scope, receive: Receive) -> Response:
+            parsed = parse_model_path(scope["path_params"]["path"])
+            if parsed is None:
+                raise ProtocolError(404, "no such model path; see /v2/models/NAME")
+            name, version, action = parsed
+            _allow(scope, _POST if action == "infer" else _GET, action)
+            if action == "infer":
+                return await self.infer(name, version, _Headers(scope), receive)
+            model = await self.model(name, version)
+            if action == "ready":
+                return _json({"name": name, "ready": True})
+            found = await anyio.to_thread.run_sync(versions, self.root, name)
+            signature = QueryParams(scope["query_string"]).get("signature")
+            return _json(model.metadata(signature, [s.version for s in found]))
 
-        async def elsewhere(request: Request) -> Response:
-            return _json({"error": f"{request.url.path} is not served here"}, 404)
+        async def elsewhere(scope: Scope, receive: Receive) -> Response:
+            return _json({"error": f"{scope['path']} is not served here"}, 404)
 
         return [
-            Route("/v2", server_metadata, methods=["GET"]),
-            Route("/v2/health/live", live, methods=["GET"]),
-            Route("/v2/health/ready", ready, methods=["GET"]),
-            Route("/v2/models/{path:path}", models, methods=["GET", "POST"]),
+            Route("/v2", _Endpoint(server_metadata)),
+            Route("/v2/health/live", _Endpoint(live)),
+            Route("/v2/health/ready", _Endpoint(ready)),
+            Route("/v2/models/{path:path}", _Endpoint(models)),
             # The rest of the protocol's space (repository, statistics, shared memory...)
             # answers in the protocol's shape too, rather than as a missing module.
-            Route("/v2/{path:path}", elsewhere, methods=["GET", "POST"]),
+            Route("/v2/{path:path}", _Endpoint(elsewhere)),
         ]
+
+
+class _Headers:
+    """The request headers ``/infer`` reads, found in one pass."""
+
+    __slots__ = ("encoding", "header_length", "length")
+
+    def __init__(self, scope: Scope) -> None:
+        self.length: str | None = None
+        self.encoding: str | None = None
+        self.header_length: str | None = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                self.length = value.decode("latin-1")
+            elif key == b"content-encoding":
+                self.encoding = value.decode("latin-1")
+            elif key == b"inference-header-content-length":
+                self.header_length = value.decode("latin-1")
+
+
+_GET: Final = ("GET", "HEAD")
+_POST: Final = ("POST",)
+
+
+class _ClientGone(Exception):
+    """The client left before its body was read: there is no one to answer."""
+
+
+class _MethodNotAllowed(ProtocolError):
+    def __init__(self, message: str, allow: Sequence[str]) -> None:
+        super().__init__(405, message)
+        self.allow = allow
+
+
+def _allow(scope: Scope, methods: Sequence[str], what: str) -> None:
+    method = scope["method"]
+    if method not in methods:
+        raise _MethodNotAllowed(f"{what} takes {' or '.join(methods)}, not {method}", methods)
+
+
+def _too_large(what: str, limit: int) -> ProtocolError:
+    return ProtocolError(413, f"{what}; this server takes at most {limit} (--max-input-size)")
+
+
+async def _receive_into(receive: Receive, length: int | None, limit: int) -> bytes | bytearray:
+    """The ASGI body: with a length, each chunk goes straight to its place in one buffer;
+    chunked, the buffer grows, counted against ``limit``."""
+    message: Message | None = await receive()
+    assert message is not None
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        whole: bytes = message.get("body", b"")  # all in one message: no buffer to fill
+        if len(whole) > limit:
+            raise _too_large(f"the request body has more than {limit} bytes", limit)
+        return whole
+    body = bytearray(length or 0)
+    view = memoryview(body)
+    filled = 0
+    more = True
+    while more:
+        if message is None:
+            message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        end = filled + len(chunk)
+        if length is not None and end <= length:
+            view[filled:end] = chunk
+        else:
+            if end > limit:
+                raise _too_large(f"the request body has more than {limit} bytes", limit)
+            view.release()
+            body[filled:] = chunk
+            view = memoryview(body)
+        filled = end
+        message = None
+    view.release()
+    if filled != len(body):
+        del body[filled:]
+    return body
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """Hide ``__main__`` while worker processes start (``submit`` starts them): they would
+    run the main script again to find it, and a script that calls ``uvicorn.run`` without
+    a ``__name__`` guard would start another server in each."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return True
+
+
+def _header_length(header: str | None) -> int | None:
+    if header is None:
+        return None
+    value = header.strip()
+    if not value.isdigit() or not value.isascii():  # int() would take "+5", "1_0", "٣"
+        raise ProtocolError(400, f"Inference-Header-Content-Length {header!r} is not a number")
+    return int(value)
+
+
+class _Endpoint:
+    """An ASGI endpoint of the protocol: every answer, errors too, in its JSON shape.
+
+    Raw ASGI rather than a starlette ``Request``: ``/infer`` reads its body itself, into
+    one buffer, with limits (starlette keeps every chunk and joins them: a copy).
+    """
+
+    def __init__(self, handle: Callable[[Scope, Receive], Awaitable[Response]]) -> None:
+        self.handle = handle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.handle(scope, receive)
+        except _ClientGone:
+            return
+        except ProtocolError as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+            if isinstance(exc, _MethodNotAllowed):
+                headers["Allow"] = ", ".join(exc.allow)
+            if exc.status in (408, 413):  # the body was not read: the connection cannot go on
+                headers["Connection"] = "close"
+            response = _json({"error": exc.message}, exc.status, headers)
+        except Exception:
+            logger.exception("%s %s failed", scope["method"], scope["path"])
+            response = _json({"error": "the server failed; its log says why"}, 500)
+        await response(scope, receive, send)
+
+
+class _Parts(Response):
+    """A response sent as the pieces it was encoded in, with one Content-Length."""
+
+    def __init__(
+        self,
+        parts: list[bytes | memoryview],
+        media_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.parts = parts
+        self.status_code = 200
+        size = sum(len(p) for p in parts)
+        self.raw_headers = [
+            (b"content-length", str(size).encode()),
+            (b"content-type", media_type.encode()),
+        ]
+        for key, value in (headers or {}).items():
+            self.raw_headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        parts = self.parts
+        if len(parts) > 1 and sum(len(p) for p in parts) <= _JOIN_BYTES:
+            parts = [b"".join(parts)]  # one write, one system call: cheaper than the copy
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
 
 
 def _rejected_input(exc: Exception) -> bool:

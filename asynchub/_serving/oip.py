@@ -10,6 +10,7 @@ here, TensorFlow never: ``infer.py`` makes tensors of the arrays, and serves the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 import zlib
@@ -27,10 +28,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DATATYPES",
     "InferRequest",
+    "Limits",
     "Tensor",
     "bind",
+    "decode_remote",
     "decode_request",
     "describe_tensor",
+    "encode_parts",
     "encode_response",
     "inflate",
     "parse_model_path",
@@ -82,8 +86,15 @@ _JSON_GAVE: Final = {
     "f": "numbers",
     "U": "strings",
 }
-#: A compressed request body may inflate to at most this (a gzip bomb stops here).
-_MAX_INFLATED: Final = 1 << 30
+#: numpy's own limit on dimensions is 64; TensorFlow takes fewer in practice.
+_MAX_RANK: Final = 32
+#: Values per piece when a big JSON answer is written, so a worker thread writing it
+#: lets go of the GIL between pieces and the event loop keeps turning.
+_CHUNK_VALUES: Final = 1 << 15
+#: Binary outputs bigger than this are sent as views of their arrays.
+_VIEW_BYTES: Final = 64 << 10
+
+logger = logging.getLogger("asynchub.server")
 
 # -- paths ----------------------------------------------------------------------------------
 
@@ -141,6 +152,23 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How big a request's inputs may be: rows (first dimension) and values in all.
+
+    Checked on the shapes, before any array is made; over a limit is 413.
+    """
+
+    max_rows: int = 1 << 16
+    max_elements: int = 1 << 24
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short: an error message does not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 def _numpy_dtype(datatype: str) -> Any:
     if datatype == "BF16":
         import ml_dtypes
@@ -149,13 +177,38 @@ def _numpy_dtype(datatype: str) -> Any:
     return np.dtype(_NUMPY[datatype])
 
 
-def _shape(name: str, value: Any) -> tuple[int, ...]:
+def _shape(name: str, value: Any, limits: Limits) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         type(d) is int and d >= 0
         for d in value  # bool is an int, and no dimension
     ):
         raise ProtocolError(
-            400, f"input {name!r}: shape must be a list of non-negative integers, got {value!r}"
+            400,
+            f"input {_show(name)}: shape must be a list of non-negative integers, "
+            f"got {_show(value)}",
+        )
+    if len(value) > _MAX_RANK:
+        raise ProtocolError(
+            400,
+            f"input {_show(name)}: shape has {len(value)} dimensions, "
+            f"at most {_MAX_RANK} are taken",
+        )
+    # Every dimension counts, even beside a zero: [2**26, 0] holds no value but asks
+    # for 2**26 rows of output.
+    rows = value[0] if value else 1
+    if rows > limits.max_rows:
+        raise ProtocolError(
+            413,
+            f"input {_show(name)}: shape {_show(value)} has {rows} rows; this server takes at most "
+            f"{limits.max_rows} per request (--max-request-rows): send fewer rows per request",
+        )
+    count = math.prod(value)
+    # A zero hides how big the other dimensions are: [0, 2**63] must not reach numpy.
+    if count > limits.max_elements or (not count and max(value, default=0) > limits.max_elements):
+        raise ProtocolError(
+            413,
+            f"input {_show(name)}: shape {_show(value)} is too big; this server takes at most "
+            f"{limits.max_elements} values per request (--max-request-elements)",
         )
     return tuple(value)
 
@@ -181,30 +234,57 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> A
     if datatype == "BYTES":
         items = _flatten(data)
         if not all(isinstance(s, str) for s in items):
-            raise ProtocolError(400, f"input {name!r}: BYTES data must be strings")
+            raise ProtocolError(400, f"input {_show(name)}: BYTES data must be strings")
         array = np.empty(len(items), dtype=object)
-        array[:] = [s.encode() for s in items]
+        try:
+            array[:] = [s.encode() for s in items]
+        except UnicodeEncodeError as exc:  # "\ud800": valid JSON, but no text
+            raise ProtocolError(
+                400,
+                f"input {_show(name)}: a BYTES string is not valid Unicode ({exc.reason}); "
+                "send such bytes as binary data",
+            ) from exc
     else:
+        if isinstance(data, list) and len(data) > count:  # cheap: before numpy walks it
+            raise ProtocolError(
+                400,
+                f"input {_show(name)}: shape {list(shape)} needs {count} values, "
+                "the data hold more",
+            )
         try:
             raw = np.asarray(data)
-        except ValueError as exc:  # ragged nesting
+        except (ValueError, TypeError, RecursionError) as exc:  # ragged or too deep
             raise ProtocolError(
-                400, f"input {name!r}: its data are not a regular array: {exc}"
+                400, f"input {_show(name)}: its data are not a regular array: {exc}"
             ) from exc
         family = datatype.rstrip("0123456789")
         if raw.size and raw.dtype.kind not in _JSON_KINDS[family]:
             given = _JSON_GAVE.get(raw.dtype.kind, "values of mixed types")
-            raise ProtocolError(400, f"input {name!r}: its data are {given}, not {datatype} values")
+            raise ProtocolError(
+                400, f"input {_show(name)}: its data are {given}, not {datatype} values"
+            )
         dtype = _numpy_dtype(datatype)
         if raw.size and raw.dtype.kind in "iu" and dtype.kind in "iu":
             info = np.iinfo(dtype)
             if raw.min() < info.min or raw.max() > info.max:
-                raise ProtocolError(400, f"input {name!r}: a value is out of range for {datatype}")
-        array = raw.astype(dtype, copy=False)
+                raise ProtocolError(
+                    400, f"input {_show(name)}: a value is out of range for {datatype}"
+                )
+        with np.errstate(over="ignore"):  # overflow is checked just below
+            array = raw.astype(dtype, copy=False)
+        # 1e300 would become inf in FP32 (FP16 overflows past 65504).
+        if (
+            raw.size
+            and raw.dtype.kind == "f"
+            and dtype.itemsize < raw.dtype.itemsize
+            and np.count_nonzero(np.isinf(array)) != np.count_nonzero(np.isinf(raw))
+        ):
+            raise ProtocolError(400, f"input {_show(name)}: a value is out of range for {datatype}")
     if array.size != count:
         raise ProtocolError(
             400,
-            f"input {name!r}: shape {list(shape)} needs {count} values, the data hold {array.size}",
+            f"input {_show(name)}: shape {list(shape)} needs {count} values, "
+            f"the data hold {array.size}",
         )
     return array.reshape(shape)
 
@@ -216,16 +296,24 @@ def _from_bytes(name: str, datatype: str, shape: tuple[int, ...], data: memoryvi
         offset, end = 0, len(data)
         while offset < end:
             if offset + 4 > end:
-                raise ProtocolError(400, f"input {name!r}: its BYTES binary data are cut short")
+                raise ProtocolError(
+                    400, f"input {_show(name)}: its BYTES binary data are cut short"
+                )
             (size,) = struct.unpack_from("<I", data, offset)
             offset += 4
             if offset + size > end:
-                raise ProtocolError(400, f"input {name!r}: its BYTES binary data are cut short")
+                raise ProtocolError(
+                    400, f"input {_show(name)}: its BYTES binary data are cut short"
+                )
+            if len(items) == count:
+                break  # one more than the shape says: refused below, without reading on
             items.append(bytes(data[offset : offset + size]))
             offset += size
-        if len(items) != count:
+        if len(items) != count or offset != end:
             raise ProtocolError(
-                400, f"input {name!r}: shape {list(shape)} needs {count} strings, got {len(items)}"
+                400,
+                f"input {_show(name)}: shape {list(shape)} needs {count} strings, "
+                f"got {'more' if offset != end else len(items)}",
             )
         array = np.empty(count, dtype=object)
         array[:] = items
@@ -234,31 +322,107 @@ def _from_bytes(name: str, datatype: str, shape: tuple[int, ...], data: memoryvi
     if len(data) != count * dtype.itemsize:
         raise ProtocolError(
             400,
-            f"input {name!r}: shape {list(shape)} of {datatype} needs "
+            f"input {_show(name)}: shape {list(shape)} of {datatype} needs "
             f"{count * dtype.itemsize} bytes of binary data, binary_data_size says {len(data)}",
         )
+    if datatype == "BOOL" and count and np.frombuffer(data, np.uint8).max() > 1:
+        raise ProtocolError(400, f"input {_show(name)}: BOOL binary data must be bytes 0 or 1")
+    # A view of the body: no copy.
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def inflate(body: bytes, encoding: str) -> bytes:
+def inflate(body: bytes | bytearray, encoding: str, limit: int) -> bytes:
+    """``body`` inflated (``gzip`` or ``deflate``); 413 past ``limit`` bytes (a bomb stops
+    there, having spent at most ``limit``), 415 for another encoding, 400 if corrupt."""
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
         raise ProtocolError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
     inflater = zlib.decompressobj(wbits)
     try:
-        out = inflater.decompress(body, _MAX_INFLATED)
+        out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
         raise ProtocolError(400, f"the {encoding} request body cannot be inflated: {exc}") from exc
-    if inflater.unconsumed_tail:
-        raise ProtocolError(413, f"the request body inflates to more than {_MAX_INFLATED} bytes")
+    if len(out) > limit:
+        raise ProtocolError(
+            413,
+            f"the request body inflates to more than {limit} bytes, the most this server "
+            "takes (--max-input-size)",
+        )
+    if not inflater.eof:
+        raise ProtocolError(400, f"the {encoding} request body is cut short")
     return out
 
 
-def decode_request(body: bytes, header_length: int | None) -> InferRequest:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (RFC 8259)")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Which of two equal keys counts differs between parsers; the request is refused
+    # rather than read one way here and another way by a proxy that checked it.
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {_show(key)} appears twice in one object")
+    return document
+
+
+#: One decoder, made once (``json.loads`` with options makes one per call): RFC 8259 JSON,
+#: UTF-8 (the caller decodes it), no NaN or Infinity, no key twice in an object.
+_JSON: Final = json.JSONDecoder(parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+_LIMITS: Final = Limits()
+
+
+def _parameters(value: Any, kind: str = "", name: str = "") -> dict[str, Any]:
+    """A ``parameters`` object (of the request, or of input or output ``name``): the
+    protocol's values are strings, numbers and booleans."""
+    if type(value) is dict and all(isinstance(v, (str, int, float)) for v in value.values()):
+        return value  # bool is an int
+    where = f"{kind} {_show(name)}: " if kind else ""
+    if type(value) is not dict:
+        raise ProtocolError(400, f"{where}parameters must be a JSON object")
+    key, item = next((k, v) for k, v in value.items() if not isinstance(v, (str, int, float)))
+    raise ProtocolError(
+        400,
+        f"{where}parameters.{_show(key)} must be a string, number or boolean, got "
+        f"{type(item).__name__ if item is not None else 'null'}",
+    )
+
+
+def decode_request(
+    body: bytes | bytearray, header_length: int | None, limits: Limits | None = None
+) -> InferRequest:
     """Decode an inference request: JSON, then (with ``header_length``) binary tensors.
 
-    Raises :class:`ProtocolError` (400) naming what is wrong, and the input it is in.
+    Raises :class:`ProtocolError` naming what is wrong, and the input it is in: 400, or
+    413 past ``limits``. Nothing else: any other failure to decode is a 400 too (logged).
     """
+    try:
+        return _decode(body, header_length, limits or _LIMITS)
+    except ProtocolError:
+        raise
+    except MemoryError as exc:
+        raise ProtocolError(413, "the request is too large to decode here") from exc
+    except Exception as exc:  # a case the checks missed: still the request's fault
+        logger.warning("an inference request could not be decoded", exc_info=True)
+        raise ProtocolError(
+            400, f"the request cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
+
+
+def decode_remote(
+    body: bytes | bytearray, header_length: int | None, limits: Limits
+) -> tuple[int, str] | InferRequest:
+    """:func:`decode_request` for a worker process: its error as ``(status, message)``,
+    which pickles (a :class:`ProtocolError` does not come back whole)."""
+    try:
+        return decode_request(body, header_length, limits)
+    except ProtocolError as exc:
+        return exc.status, exc.message
+
+
+def _decode(body: bytes | bytearray, header_length: int | None, limits: Limits) -> InferRequest:
     if header_length is not None and not 0 < header_length <= len(body):
         raise ProtocolError(
             400,
@@ -266,17 +430,20 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
         )
     head = body if header_length is None else body[:header_length]
     try:
-        document = json.loads(head)
+        document = _JSON.decode(str(head, "utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(400, f"the request is not valid JSON: {exc}") from exc
+        raise ProtocolError(400, f"the request is not valid JSON: {str(exc)[:200]}") from exc
+    except RecursionError as exc:
+        raise ProtocolError(400, "the request is not valid JSON: it is nested too deep") from exc
     if not isinstance(document, dict):
         raise ProtocolError(400, "the request must be a JSON object")
-    parameters = document.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ProtocolError(400, "parameters must be a JSON object")
+    parameters = _parameters(document.get("parameters", {}))
     signature = parameters.get("signature")
     if signature is not None and not isinstance(signature, str):
-        raise ProtocolError(400, f"parameters.signature must be a string, got {signature!r}")
+        raise ProtocolError(400, f"parameters.signature must be a string, got {_show(signature)}")
+    binary_output = parameters.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise ProtocolError(400, "parameters.binary_data_output must be true or false")
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, "id must be a string")
@@ -287,38 +454,53 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
     offset = len(head)
     inputs: list[Tensor] = []
     seen: set[str] = set()
+    elements = 0
     for raw in raw_inputs:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise ProtocolError(400, "each input must be an object with a name")
         name = raw["name"]
         if name in seen:
-            raise ProtocolError(400, f"input {name!r} is given twice")
+            raise ProtocolError(400, f"input {_show(name)} is given twice")
         seen.add(name)
         datatype = raw.get("datatype")
-        if datatype not in _NUMPY and datatype not in ("BF16", "BYTES"):
-            raise ProtocolError(400, f"input {name!r}: unknown datatype {datatype!r}")
-        shape = _shape(name, raw.get("shape"))
-        params = raw.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ProtocolError(400, f"input {name!r}: parameters must be a JSON object")
+        if not isinstance(datatype, str) or (
+            datatype not in _NUMPY and datatype not in ("BF16", "BYTES")
+        ):
+            raise ProtocolError(400, f"input {_show(name)}: unknown datatype {_show(datatype)}")
+        if "shape" not in raw:
+            raise ProtocolError(400, f"input {_show(name)} has no shape")
+        shape = _shape(name, raw["shape"], limits)
+        elements += math.prod(shape)  # all inputs together
+        if elements > limits.max_elements:
+            raise ProtocolError(
+                413,
+                f"the inputs hold {elements} values or more; this server takes at most "
+                f"{limits.max_elements} per request (--max-request-elements)",
+            )
+        params = _parameters(raw.get("parameters", {}), "input", name)
         size = params.get("binary_data_size")
         if size is not None:
             if header_length is None:
                 raise ProtocolError(
                     400,
-                    f"input {name!r} has binary_data_size but the request has no "
+                    f"input {_show(name)} has binary_data_size but the request has no "
                     "Inference-Header-Content-Length header",
+                )
+            if "data" in raw:
+                raise ProtocolError(
+                    400, f"input {_show(name)} has both data and binary_data_size; give one"
                 )
             if type(size) is not int or size < 0 or offset + size > len(body):
                 raise ProtocolError(
-                    400, f"input {name!r}: binary_data_size {size!r} runs past the body's end"
+                    400,
+                    f"input {_show(name)}: binary_data_size {_show(size)} runs past the body's end",
                 )
             array = _from_bytes(name, datatype, shape, view[offset : offset + size])
             offset += size
         elif "data" in raw:
             array = _from_json(name, datatype, shape, raw["data"])
         else:
-            raise ProtocolError(400, f"input {name!r} has neither data nor binary_data_size")
+            raise ProtocolError(400, f"input {_show(name)} has neither data nor binary_data_size")
         inputs.append(Tensor(name, datatype, shape, array))
     if offset != len(body):
         raise ProtocolError(
@@ -327,21 +509,28 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
             "binary_data_size and Inference-Header-Content-Length must add up to it",
         )
     outputs: list[tuple[str, bool]] | None = None
-    binary_output = parameters.get("binary_data_output") is True
     raw_outputs = document.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
             raise ProtocolError(400, "outputs must be a list")
         outputs = []
+        asked: set[str] = set()
         for raw in raw_outputs:
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise ProtocolError(400, "each requested output must be an object with a name")
-            params = raw.get("parameters") or {}
-            if not isinstance(params, dict):
-                raise ProtocolError(400, f"output {raw['name']!r}: parameters must be an object")
+            name = raw["name"]
+            if name in asked:
+                raise ProtocolError(400, f"output {_show(name)} is asked for twice")
+            asked.add(name)
+            params = _parameters(raw.get("parameters", {}), "output", name)
             if "classification" in params:
                 raise ProtocolError(400, "the classification extension is not supported")
-            outputs.append((raw["name"], bool(params.get("binary_data", binary_output))))
+            binary = params.get("binary_data", binary_output)
+            if not isinstance(binary, bool):
+                raise ProtocolError(
+                    400, f"output {_show(name)}: parameters.binary_data must be true or false"
+                )
+            outputs.append((name, binary))
     return InferRequest(
         id=request_id,
         inputs=inputs,
@@ -377,18 +566,19 @@ def bind(signature: SignatureInfo, where: str, inputs: Sequence[Tensor]) -> dict
     given = {t.name: t for t in inputs}
     for name in expected:
         if name not in given:
-            raise ProtocolError(400, f"{where}: input {name!r} is missing; it takes: {takes}")
+            raise ProtocolError(400, f"{where}: input {_show(name)} is missing; it takes: {takes}")
     out: dict[str, Any] = {}
     for tensor in inputs:
         info = expected.get(tensor.name)
         if info is None:
             raise ProtocolError(
-                400, f"{where}: there is no input {tensor.name!r}; it takes: {takes}"
+                400, f"{where}: there is no input {_show(tensor.name)}; it takes: {takes}"
             )
         datatype = DATATYPES.get(info.dtype, info.dtype.upper())
         if tensor.datatype != datatype:
             raise ProtocolError(
-                400, f"{where}: input {tensor.name!r} must be {datatype}, got {tensor.datatype}"
+                400,
+                f"{where}: input {_show(tensor.name)} must be {datatype}, got {tensor.datatype}",
             )
         dims = info.shape
         if dims is not None and (
@@ -397,7 +587,7 @@ def bind(signature: SignatureInfo, where: str, inputs: Sequence[Tensor]) -> dict
         ):
             raise ProtocolError(
                 400,
-                f"{where}: input {tensor.name!r} must have shape {_dims(info)}, "
+                f"{where}: input {_show(tensor.name)} must have shape {_dims(info)}, "
                 f"got {list(tensor.shape)}",
             )
         out[tensor.name] = tensor.array
@@ -413,6 +603,93 @@ def _to_bytes(array: Any) -> bytes:
     return b"".join(parts)
 
 
+def _json_values(name: str, datatype: str, flat: Any) -> list[Any]:
+    if datatype == "BYTES":
+        try:
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(
+                400,
+                f"output {_show(name)} holds bytes that are not UTF-8 text, which JSON cannot "
+                "carry; ask for it as binary data",
+            ) from exc
+    if datatype == "BF16":
+        flat = flat.astype(np.float32)
+    values: list[Any] = flat.tolist()
+    return values
+
+
+def _json_data(name: str, datatype: str, array: Any) -> list[bytes]:
+    """The JSON text of ``array``'s values, ``[...]``, in pieces of ``_CHUNK_VALUES``."""
+    flat = array.ravel()
+    pieces = [b"["]
+    for start in range(0, flat.size, _CHUNK_VALUES):
+        values = _json_values(name, datatype, flat[start : start + _CHUNK_VALUES])
+        if start:
+            pieces.append(b",")
+        pieces.append(json.dumps(values, separators=(",", ":")).encode()[1:-1])
+    pieces.append(b"]")
+    return pieces
+
+
+def encode_parts(
+    model: str,
+    version: str,
+    request_id: str | None,
+    outputs: Sequence[tuple[str, Any, bool]],
+) -> tuple[list[bytes | memoryview], int | None]:
+    """:func:`encode_response` as pieces to send one after another, not joined: a big
+    answer is written a piece at a time and never copied whole once more."""
+    # Small answers are one json.dumps; big ones are written in pieces.
+    small = sum(array.size for _, array, binary in outputs if not binary) <= _CHUNK_VALUES
+    described: list[dict[str, Any]] = []
+    texts: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
+    for name, array, binary in outputs:
+        datatype = _FROM_NUMPY.get(array.dtype)
+        if datatype is None and array.dtype.name == "bfloat16":
+            datatype = _FROM_NUMPY[array.dtype] = "BF16"
+        if datatype is None:
+            raise ProtocolError(
+                500, f"output {_show(name)} has dtype {array.dtype}, not in the protocol"
+            )
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            data: bytes | memoryview
+            if datatype == "BYTES":
+                data = _to_bytes(array)
+            else:
+                little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+                # A big one as a view, not copied; a small one is joined to the rest anyway.
+                big = little.nbytes > _VIEW_BYTES
+                data = little.reshape(-1).view(np.uint8).data if big else little.tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        elif small:
+            entry["data"] = _json_values(name, datatype, array.ravel())
+        else:
+            text = json.dumps(entry, separators=(",", ":")).encode()
+            texts.append(b"".join([text[:-1], b',"data":', *_json_data(name, datatype, array)]))
+            texts[-1] += b"}"
+            continue
+        described.append(entry)
+        if not small:
+            texts.append(json.dumps(entry, separators=(",", ":")).encode())
+    document: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request_id is not None:
+        document["id"] = request_id
+    document["outputs"] = described
+    if small:
+        head = json.dumps(document, separators=(",", ":")).encode()
+    else:
+        document["outputs"] = []
+        opening = json.dumps(document, separators=(",", ":")).encode()[:-3]  # ..."outputs":
+        head = b"".join([opening, b"[", b",".join(texts), b"]}"])
+    if not chunks:
+        return [head], None
+    return [head, *chunks], len(head)
+
+
 def encode_response(
     model: str,
     version: str,
@@ -421,46 +698,5 @@ def encode_response(
 ) -> tuple[bytes, int | None]:
     """The response body for ``outputs`` (name, array, as binary), and its JSON header's
     length when binary data follow it (``None``: the body is all JSON)."""
-    described = []
-    chunks: list[bytes] = []
-    for name, array, binary in outputs:
-        datatype = _FROM_NUMPY.get(array.dtype)
-        if datatype is None and array.dtype.name == "bfloat16":
-            datatype = _FROM_NUMPY[array.dtype] = "BF16"
-        if datatype is None:
-            raise ProtocolError(
-                500, f"output {name!r} has dtype {array.dtype}, not in the protocol"
-            )
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            data = (
-                _to_bytes(array)
-                if datatype == "BYTES"
-                else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-            )
-            entry["parameters"] = {"binary_data_size": len(data)}
-            chunks.append(data)
-        elif datatype == "BYTES":
-            try:
-                entry["data"] = [
-                    v.decode() if isinstance(v, bytes) else str(v) for v in array.ravel()
-                ]
-            except UnicodeDecodeError as exc:
-                raise ProtocolError(
-                    400,
-                    f"output {name!r} holds bytes that are not UTF-8 text, which JSON cannot "
-                    "carry; ask for it as binary data",
-                ) from exc
-        elif datatype == "BF16":
-            entry["data"] = array.astype(np.float32).ravel().tolist()
-        else:
-            entry["data"] = array.ravel().tolist()
-        described.append(entry)
-    document: dict[str, Any] = {"model_name": model, "model_version": version}
-    if request_id is not None:
-        document["id"] = request_id
-    document["outputs"] = described
-    head = json.dumps(document, separators=(",", ":")).encode()
-    if not chunks:
-        return head, None
-    return b"".join([head, *chunks]), len(head)
+    parts, head = encode_parts(model, version, request_id, outputs)
+    return b"".join(parts), head
