@@ -10,12 +10,20 @@ lead to the oldest request left over, and runs the batch. Every other request
 sleeps on an event of its own until its result is in. This works alike on asyncio
 and trio, and one batcher serves several event loops at once: each loop has its
 own queues and its own threads.
+
+A batch's result is split back only along axes the module promised are per row
+(``Module.batched`` refuses a module whose inputs or outputs lack the batch
+dimension). A joined call runs once: if it fails, each request runs again alone,
+so that the error stays with the request that caused it; if it succeeds, it is
+never run again, even when an output turns out not to be per row after all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import logging
 import math
 import time
 import weakref
@@ -29,10 +37,11 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar, checkpoint_if_cancelled
 
-from .errors import QueueFullError
+from .errors import ModuleError, QueueFullError
 
 __all__ = [
     "THREADS",
+    "BatchObserver",
     "Batched",
     "Binder",
     "QueueFullError",
@@ -52,6 +61,14 @@ THREADS: Final = 2
 #: Checks one request and returns (the key of the requests it may join, its rows,
 #: what to join); a key of ``None`` means it runs alone (its inputs disagree on rows).
 Binder = Callable[[Any], tuple[Hashable | None, int, Any]]
+
+#: Told, on the event loop, of each call a batcher made (a joined batch, or a request
+#: run alone): ``(requests, rows, queue_seconds, compute_seconds)``. ``queue_seconds``
+#: is how long the oldest request waited before its worker thread started, and
+#: ``compute_seconds`` the wall time of the call in that thread.
+BatchObserver = Callable[[int, int, float, float], None]
+
+logger = logging.getLogger(__name__)
 
 # One table per event loop: owner (a Module, a Batched) -> its state on that loop.
 # Events and limiters belong to the loop they were made on, so nothing here is shared.
@@ -188,7 +205,12 @@ class Batched:
     Made by :meth:`asynchub.Module.batched`. ``await b(inputs)`` returns what
     ``m(inputs, signature=..., as_dict=...)`` returns for ``inputs``, and raises
     what it raises.
+
+    ``observer``, if set, is called after each call the batcher makes (see
+    :data:`BatchObserver`); left ``None``, nothing is timed.
     """
+
+    observer: BatchObserver | None = None
 
     def __init__(
         self,
@@ -214,6 +236,7 @@ class Batched:
         self._max_queue = max_queue
         # The asyncio loop that called last, and its queues: most programs run one loop.
         self._last: tuple[Callable[[], object], _Queues | None] = (lambda: None, None)
+        self._observer_failed = False
 
     @property
     def max_batch_size(self) -> int:
@@ -250,7 +273,10 @@ class Batched:
                 handle=self._handle,
             )
         if key is None or rows >= self._max_batch_size:
-            result = await self._alone(queues, rows, payload)
+            if self.observer is None:
+                result = await self._alone(queues, rows, self._call, payload)
+            else:
+                result = await self._alone_observed(queues, rows, payload)
             await checkpoint_if_cancelled()  # a cancelled caller gets no result
             return result
         group = queues.groups.get(key)
@@ -279,7 +305,9 @@ class Batched:
             raise request.error
         return request.value
 
-    async def _alone(self, queues: _Queues, rows: int, payload: Any) -> Any:
+    async def _alone(
+        self, queues: _Queues, rows: int, call: Callable[[Any], Any], payload: Any
+    ) -> Any:
         """Run one request that is not joined with others, on the module's threads."""
         threads = _per_loop(self._owner, _Threads)
         token = object()
@@ -289,9 +317,31 @@ class Batched:
         finally:
             queues.waiting -= rows
         try:
-            return await threads.run(self._call, payload)
+            return await threads.run(call, payload)
         finally:
             threads.limiter.release_on_behalf_of(token)
+
+    async def _alone_observed(self, queues: _Queues, rows: int, payload: Any) -> Any:
+        """:meth:`_alone`, timed for the observer (whether the call succeeds or not)."""
+        arrival = time.monotonic()
+        times: list[float] = []
+        try:
+            return await self._alone(queues, rows, functools.partial(self._timed, times), payload)
+        finally:
+            if len(times) == 2:
+                self._observe(1, rows, times[0] - arrival, times[1] - times[0])
+
+    def _observe(self, requests: int, rows: int, queued: float, computed: float) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        try:
+            observer(requests, rows, queued, computed)
+        except Exception:
+            # A broken observer must not fail the requests it watches; say so once.
+            if not self._observer_failed:
+                self._observer_failed = True
+                logger.exception("the observer of %s failed (logged once)", self._what)
 
     async def _lead(self, queues: _Queues, key: Hashable, group: _Group, me: _Request) -> None:
         """Wait out the batch window and a free thread, cut the batch, run it, deliver it."""
@@ -319,7 +369,14 @@ class Batched:
             # The batch carries other tasks' requests: it runs and is delivered even
             # if this task is cancelled meanwhile.
             with anyio.CancelScope(shield=True):
-                await threads.run(self._run, batch)
+                if self.observer is None:
+                    await threads.run(self._run, batch)
+                else:
+                    times: list[float] = []
+                    await threads.run(self._timed, times, batch, self._run)
+                    rows = sum(request.rows for request in batch)
+                    queued = times[0] - batch[0].arrival  # batch[0] is the oldest
+                    self._observe(len(batch), rows, queued, times[1] - times[0])
         except BaseException as exc:  # only a bug in _run can land here; fail loudly
             for request in batch:
                 if request.value is _UNSET and request.error is None:
@@ -375,25 +432,62 @@ class Batched:
 
     # --- in the worker thread ---------------------------------------------------------
 
+    def _timed(
+        self, times: list[float], payload: Any, call: Callable[[Any], Any] | None = None
+    ) -> Any:
+        """``call(payload)`` (the module's call by default); notes its start and end."""
+        times.append(time.monotonic())
+        try:
+            return (call or self._call)(payload)
+        finally:
+            times.append(time.monotonic())
+
     def _run(self, batch: list[_Request]) -> None:
-        """Run ``batch`` as one call and split the result; else each request alone."""
-        if len(batch) > 1:
-            try:
-                output = self._call(self._join([r.payload for r in batch]))
-                parts = self._split(output, [r.rows for r in batch])
-            except Exception:
-                # A request that bound well can still make the joined call fail; running
-                # each alone leaves the error with the request that caused it.
-                parts = None
-            if parts is not None:
-                for request, part in zip(batch, parts, strict=True):
-                    request.value = part
-                return
-        for request in batch:
+        """Run ``batch`` as one call and split the result; each request alone only if
+        the joined call failed."""
+        if len(batch) == 1:
+            request = batch[0]
             try:
                 request.value = self._call(request.payload)
             except Exception as exc:
                 request.error = exc
+            return
+        sizes = [r.rows for r in batch]
+        try:
+            output = self._call(self._join([r.payload for r in batch]))
+        except Exception:
+            # A request that bound well can still make the joined call fail; running
+            # each alone leaves the error with the request that caused it.
+            for request in batch:
+                try:
+                    request.value = self._call(request.payload)
+                except Exception as exc:
+                    request.error = exc
+            return
+        # The call succeeded, so it is not run again (a model may keep state): an
+        # output that cannot be split fails every request of the batch instead.
+        try:
+            parts = self._split(output, sizes)
+            error: Exception | None = None if parts is not None else self._unsplit(output, sizes)
+        except Exception as exc:
+            parts, error = None, exc
+        if parts is None:
+            for request in batch:
+                request.error = error
+            return
+        for request, part in zip(batch, parts, strict=True):
+            request.value = part
+
+    def _unsplit(self, output: Any, sizes: list[int]) -> ModuleError:
+        total = sum(sizes)
+        found = _unsplittable(output, total, self._tf)
+        return ModuleError(
+            f"{self._what}: a joined call of {len(sizes)} requests ({total} rows) returned "
+            f"{found}, though the module's spec gives every output a leading batch "
+            "dimension; its outputs are not per row, so its requests cannot be joined. "
+            "Apply it with m.acall(...) per request",
+            handle=self._handle,
+        )
 
     def _join(self, payloads: list[Any]) -> Any:
         return join(payloads, self._tf)
@@ -460,6 +554,22 @@ def split(output: Any, sizes: list[int], tf: Any) -> list[Any] | None:
         tf.nest.pack_sequence_as(output, [c[i] for c in cuts])  # type: ignore[index]
         for i in range(len(sizes))
     ]
+
+
+def _unsplittable(output: Any, total: int, tf: Any) -> str:
+    """Which part of ``output`` has no leading dimension of ``total``, in words."""
+    items = output.items() if type(output) is dict else [(None, output)]
+    for name, value in items:
+        for leaf in tf.nest.flatten(value):
+            shape = getattr(leaf, "shape", None)
+            if shape is not None and len(shape) > 0 and shape[0] == total:
+                continue
+            what = f"output {name!r}" if name is not None else "an output"
+            if shape is None:
+                return f"{what} of type {type(leaf).__name__}"
+            dims = ", ".join("?" if d is None else str(d) for d in tuple(shape))
+            return f"{what} of shape [{dims}]"
+    return "an output that cannot be split"
 
 
 def join(payloads: list[Any], tf: Any) -> Any:

@@ -339,6 +339,11 @@ class _SignaturePlan:
 
     def _bind(self, inputs: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Map ``inputs`` to the signature's input names, as tensors of the right dtype."""
+        given = self._given(inputs, kwargs)
+        return {name: self._convert(name, value) for name, value in given.items()}
+
+    def _given(self, inputs: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Map ``inputs`` to the signature's input names, as they are."""
         if kwargs:
             raise SignatureError(
                 f"{self._where} takes no keyword arguments, got: {', '.join(sorted(kwargs))}; "
@@ -368,7 +373,7 @@ class _SignaturePlan:
                 "pass a dict that maps each input name to its value",
                 handle=self._handle,
             )
-        return {name: self._convert(name, value) for name, value in given.items()}
+        return given
 
     def _convert(self, name: str, value: Any) -> Any:
         tf, spec = self._tf, self._specs[name]
@@ -392,12 +397,15 @@ class _SignaturePlan:
                     handle=self._handle,
                 ) from exc
         if not spec.shape.is_compatible_with(tensor.shape):
-            raise SignatureError(
-                f"{self._where}: input {name!r} must have shape "
-                f"{_format_shape(_dims(spec.shape))}, got {_format_shape(_dims(tensor.shape))}",
-                handle=self._handle,
-            )
+            raise self._wrong_shape(name, _dims(tensor.shape))
         return tensor
+
+    def _wrong_shape(self, name: str, dims: tuple[int | None, ...] | None) -> SignatureError:
+        return SignatureError(
+            f"{self._where}: input {name!r} must have shape "
+            f"{_format_shape(_dims(self._specs[name].shape))}, got {_format_shape(dims)}",
+            handle=self._handle,
+        )
 
     def _expected(self) -> str:
         return ", ".join(map(str, self._info.inputs)) or "no inputs"
@@ -436,6 +444,14 @@ class _CallablePlan:
         self._concrete = tuple(getattr(function, "concrete_functions", ()))
         self._dtype = self._common_input_dtype()
         self._cache: dict[Hashable, _FlatCall | None] = {}
+        # What every restored trace takes first, if each takes a dense tensor: a
+        # tensor that fits none of them is refused before TensorFlow sees it.
+        firsts = [concrete.structured_input_signature[0][:1] for concrete in self._concrete]
+        dense = bool(firsts) and all(
+            len(first) == 1 and isinstance(first[0], tf.TensorSpec) for first in firsts
+        )
+        self._first_specs: tuple[Any, ...] = tuple(f[0] for f in firsts) if dense else ()
+        self._lock = _function_lock(function)
 
     def __call__(self, inputs: Any, as_dict: bool, kwargs: dict[str, Any]) -> Any:
         if self._dtype is not None and type(inputs) in self._host:
@@ -476,9 +492,15 @@ class _CallablePlan:
                     f"{self._dtype.name}, the dtype its callable object takes: {exc}",
                     handle=self._handle,
                 ) from exc
+        if self._first_specs and isinstance(value, tf.Tensor):
+            self._check(value)
+        lock = self._lock
+        held = lock is not None and lock._is_owned()
         try:
             result = self._obj(value, **kwargs)
         except (TypeError, ValueError) as exc:
+            if lock is not None and not held:
+                _release_leaked(lock)
             if not str(exc).startswith(_NO_MATCH):
                 raise  # an error inside the model, not in how it was called
             raise SignatureError(
@@ -493,6 +515,23 @@ class _CallablePlan:
                 # None is remembered too, so a call that cannot be bound is not retried.
                 self._cache[key] = self._bind(value, kwargs)
         return result
+
+    def _check(self, value: Any) -> None:
+        """Refuse a tensor that no restored trace takes: TensorFlow must not see it.
+
+        TensorFlow 2.21's ``Function._call`` keeps its lock when it cannot bind its
+        inputs, and every later call from another thread then waits for it forever.
+        """
+        dtype, shape = value.dtype, value.shape
+        for spec in self._first_specs:
+            if spec.dtype == dtype and spec.shape.is_compatible_with(shape):
+                return
+        raise SignatureError(
+            f"module {self._handle!r}: its callable object does not accept a "
+            f"{dtype.name}{_format_shape(_dims(shape))} tensor; it accepts "
+            f"{self._accepted()} (or pass signature=)",
+            handle=self._handle,
+        )
 
     def _bind(self, value: Any, kwargs: dict[str, Any]) -> _FlatCall | None:
         """The flat call of the concrete function TensorFlow dispatches ``value`` to."""
@@ -555,6 +594,27 @@ class _CallablePlan:
         return "; ".join(forms) or "(unknown)"
 
 
+def _function_lock(function: Any) -> Any:
+    """The lock of a ``tf.function``, if it is the reentrant kind that knows its owner."""
+    lock = getattr(function, "_lock", None)
+    owned = getattr(lock, "_is_owned", None)
+    return lock if callable(owned) and callable(getattr(lock, "release", None)) else None
+
+
+def _release_leaked(lock: Any) -> None:
+    """Release ``lock`` if a failed call left it held by this thread.
+
+    TensorFlow 2.21's ``Function._call`` keeps its lock when binding the inputs fails
+    (those :meth:`_CallablePlan._check` cannot see: keyword arguments, structures);
+    the caller held it not before the call, so no frame of ours still needs it.
+    """
+    try:
+        while lock._is_owned():
+            lock.release()
+    except RuntimeError:  # not held after all
+        pass
+
+
 def _describe_arg(arg: Any) -> str:
     if hasattr(arg, "dtype") and hasattr(arg, "shape"):
         return f"{arg.dtype.name}{_format_shape(_dims(arg.shape))}"
@@ -574,6 +634,11 @@ def _call_key(inputs: Any, kwargs: dict[str, Any]) -> Hashable | None:
 
 # --- binding one request of a batcher -------------------------------------------------
 
+#: numpy dtype kinds whose arrays a binder takes as they are: bool, ints, floats,
+#: complex. Converting one to an input of such a dtype is numpy's cast, which
+#: cannot fail, so the conversion may wait for the worker thread.
+_NUMERIC_KINDS = "biufc"
+
 
 def _require_batch_dimension(where: str, name: str, spec: Any, handle: str) -> None:
     """Raise :class:`SignatureError` unless ``spec`` can be joined with others along axis 0."""
@@ -581,16 +646,53 @@ def _require_batch_dimension(where: str, name: str, spec: Any, handle: str) -> N
     if dims is None or not dims or dims[0] is not None:
         raise SignatureError(
             f"{where} cannot be batched: {name} has shape {_format_shape(dims)}, with no "
-            "leading batch dimension of any size ([?, ...]); call m.acall(...) per request",
+            "leading batch dimension of any size ([?, ...]), and every input and output "
+            "needs one; call m.acall(...) per request",
             handle=handle,
         )
 
 
-class _HostArrays:
-    """The numpy arrays a binder has seen bind: ``(dtype, shape)`` to the request's key.
+def _require_batch_outputs(tf: Any, where: str, outputs: Any, handle: str) -> None:
+    """Raise :class:`SignatureError` unless every leaf of ``outputs`` (a function's
+    structured outputs) is a dense tensor with a leading batch dimension.
 
-    Only arrays already of the input's own dtype are remembered, so that a batch of
-    them joins into one array that converts without a cast, exactly as each would.
+    Only such an output can be split back per request. Decided from the spec, never
+    from a result's shape: a constant table of 4 values is not 4 rows.
+    """
+    if isinstance(outputs, Mapping):
+        items = [(f"output {name!r}", value) for name, value in outputs.items()]
+    else:
+        items = [("its output", outputs)]
+    for label, value in items:
+        leaves = tf.nest.flatten(value)
+        for i, leaf in enumerate(leaves):
+            name = label if len(leaves) == 1 else f"{label} (part {i})"
+            if not isinstance(leaf, (tf.TensorSpec, tf.Tensor)):
+                raise SignatureError(
+                    f"{where} cannot be batched: {name} is a {type(leaf).__name__}, and "
+                    "only dense tensors are split between requests; call m.acall(...) "
+                    "per request",
+                    handle=handle,
+                )
+            _require_batch_dimension(where, name, leaf, handle)
+
+
+def _fits(dims: tuple[int, ...], spec: tuple[int | None, ...]) -> bool:
+    """Whether an array of shape ``dims`` fits a spec's known-rank ``spec`` dims."""
+    return len(dims) == len(spec) and all(
+        want is None or want == dim for dim, want in zip(dims, spec, strict=True)
+    )
+
+
+class _HostArrays:
+    """The numpy arrays a binder takes as they are, and the ones it has seen bind.
+
+    Numeric arrays, for an input of a numeric dtype: they are checked by dtype and
+    shape alone, on the loop, and converted in the worker thread by the call, as
+    ``m(x)`` converts them (a big request must not stall the loop while it is
+    copied or cast). An array of the input's own dtype joins tensors; one of
+    another dtype joins only arrays of that same dtype, so that a batch of them is
+    cast once, as each would be. ``seen`` maps ``(dtype, shape)`` to the key.
     """
 
     __slots__ = ("dtype", "kind", "seen")
@@ -599,29 +701,37 @@ class _HostArrays:
         import numpy as np
 
         numpy_dtype = getattr(dtype, "as_numpy_dtype", None)
-        usable = numpy_dtype is not None and np.dtype(numpy_dtype).kind in "biufc"
-        #: ``np.ndarray``, or ``None`` when the input's dtype has no plain numpy twin.
+        usable = numpy_dtype is not None and np.dtype(numpy_dtype).kind in _NUMERIC_KINDS
+        #: ``np.ndarray``, or ``None`` when the input's dtype is not numeric.
         self.kind: type | None = np.ndarray if usable else None
         self.dtype = np.dtype(numpy_dtype) if usable else None
         self.seen: dict[tuple[Any, tuple[int, ...]], Hashable] = {}
 
-    def remember(self, inputs: Any, key: Hashable) -> None:
-        """Note that arrays like ``inputs`` (if it is one of the input's dtype) bind to ``key``."""
-        if self.kind is None or type(inputs) is not self.kind or len(self.seen) >= _BINDER_LIMIT:
-            return
-        array: Any = inputs
-        if array.dtype == self.dtype:
+    def takes(self, value: Any) -> bool:
+        """Whether ``value`` is an array to pass on as it is."""
+        if type(value) is not self.kind:
+            return False
+        array: Any = value
+        return array.dtype.kind in _NUMERIC_KINDS
+
+    def join_dtype(self, array: Any, own: Any) -> Any:
+        """What ``array`` joins by: ``own`` (the input's tf dtype) if it is of the input's
+        dtype, else its numpy dtype."""
+        return own if array.dtype == self.dtype else array.dtype
+
+    def remember(self, array: Any, key: Hashable) -> None:
+        if len(self.seen) < _BINDER_LIMIT:
             self.seen[(array.dtype, array.shape)] = key
 
 
 class _SignatureBinder:
-    """Binds one request of ``m.batched(signature=...)``: checks, converts, finds its group.
+    """Binds one request of ``m.batched(signature=...)``: checks it, finds its group.
 
     The checks are the plan's own, so a request fails exactly as ``m(x)`` would;
-    inputs seen to pass once (an eager tensor of a known dtype and shape, or a numpy
-    array of a known shape already of the input's dtype) skip them. A numpy array is
-    passed on as it is, so that a batch of them is joined with numpy and converted
-    once, by the call.
+    inputs seen to pass once (an eager tensor or a numpy array of a known dtype and
+    shape) skip them. A numeric numpy array is passed on as it is (see
+    :class:`_HostArrays`), so that a batch of them is joined with numpy and
+    converted once, by the call, in the worker thread.
     """
 
     def __init__(self, plan: _SignaturePlan) -> None:
@@ -641,7 +751,12 @@ class _SignatureBinder:
         self._single = len(plan._names) == 1
         self._eager = plan._eager
         self._seen: dict[tuple[Any, tuple[int, ...]], Hashable] = {}
-        self._host = _HostArrays(plan._specs[plan._names[0]].dtype)
+        # Per input: its dtype, its spec's dims, and how its arrays are taken.
+        self._inputs = {
+            name: (spec.dtype, _dims(spec.shape), _HostArrays(spec.dtype))
+            for name, spec in plan._specs.items()
+        }
+        self._host = self._inputs[plan._names[0]][2]
 
     def __call__(self, inputs: Any) -> tuple[Hashable | None, int, Any]:
         if self._single:
@@ -656,26 +771,40 @@ class _SignatureBinder:
                 key = self._host.seen.get((inputs.dtype, shape))
                 if key is not None:
                     return key, shape[0], inputs
-        tensors = self._plan._bind(inputs, {})
-        shapes = [tuple(tensors[name].shape.as_list()) for name in self._names]
-        rows = {shape[0] for shape in shapes}
-        payload = tensors[self._names[0]] if self._single else tensors
+        plan = self._plan
+        given = plan._given(inputs, {})
+        values: dict[str, Any] = {}
+        parts: dict[str, tuple[Any, tuple[int, ...]]] = {}
+        for name, value in given.items():
+            dtype, spec, host = self._inputs[name]
+            if host.takes(value):
+                dims = value.shape
+                if not _fits(dims, spec):  # type: ignore[arg-type]  # a batch dim: known rank
+                    raise plan._wrong_shape(name, dims)
+                values[name] = value
+                parts[name] = (host.join_dtype(value, dtype), dims)
+            else:
+                tensor = values[name] = plan._convert(name, value)
+                parts[name] = (tensor.dtype, tuple(tensor.shape.as_list()))
+        rows = {dims[0] for _, dims in parts.values()}
+        first = values[self._names[0]]
+        payload = first if self._single else values
         if len(rows) != 1:  # the inputs disagree on the number of rows: no joining
             return None, max(rows), payload
-        key = tuple(
-            (tensors[name].dtype, shape[1:])
-            for name, shape in zip(self._names, shapes, strict=True)
-        )
-        first = tensors[self._names[0]]
-        if self._single and type(first) is self._eager and len(self._seen) < _BINDER_LIMIT:
-            self._seen[(first.dtype, shapes[0])] = key
-            self._host.remember(inputs, key)
-        return key, shapes[0][0], payload
+        key = tuple((parts[name][0], parts[name][1][1:]) for name in self._names)
+        if self._single:
+            if type(first) is self._eager:
+                if len(self._seen) < _BINDER_LIMIT:
+                    self._seen[(first.dtype, parts[self._names[0]][1])] = key
+            elif type(first) is self._host.kind:
+                self._host.remember(first, key)
+        return key, rows.pop(), payload
 
 
 class _CallableBinder:
     """Binds one request of ``m.batched()`` on a callable object: one tensor, checked
-    against the input forms the object was traced for."""
+    against the input forms the object was traced for; a numeric numpy array is
+    checked by dtype and shape and passed on as it is (see :class:`_HostArrays`)."""
 
     def __init__(self, plan: _CallablePlan) -> None:
         tf = plan._tf
@@ -698,12 +827,22 @@ class _CallableBinder:
                 "requests against; pass signature=",
                 handle=plan._handle,
             )
+        for concrete in plan._concrete:
+            _require_batch_outputs(tf, where, concrete.structured_outputs, plan._handle)
         self._plan = plan
         self._tf = tf
         self._specs = tuple(specs)
+        self._forms = tuple((spec.dtype, _dims(spec.shape)) for spec in specs)
         self._eager = plan._eager
         self._seen: dict[tuple[Any, tuple[int, ...]], Hashable] = {}
+        # Without one dtype that every trace takes, an array is taken at its own dtype
+        # (as converting it would give), and the call converts it (``natural``).
+        self.natural = plan._dtype is None
         self._host = _HostArrays(plan._dtype)
+        if self.natural:
+            import numpy as np
+
+            self._host.kind = np.ndarray
 
     def __call__(self, inputs: Any) -> tuple[Hashable | None, int, Any]:
         kind = type(inputs)
@@ -717,6 +856,8 @@ class _CallableBinder:
             key = self._host.seen.get((inputs.dtype, shape))
             if key is not None:
                 return key, shape[0], inputs
+            if self._host.takes(inputs):
+                return self._bind_array(inputs)
         tf, plan = self._tf, self._plan
         if isinstance(inputs, tf.Tensor):
             tensor = inputs
@@ -739,18 +880,57 @@ class _CallableBinder:
         if not any(
             s.dtype == tensor.dtype and s.shape.is_compatible_with(dims) for s in self._specs
         ):
-            raise SignatureError(
-                f"module {plan._handle!r}: its callable object does not accept a "
-                f"{tensor.dtype.name}{_format_shape(_dims(dims))} tensor; it accepts "
-                f"{plan._accepted()} (or pass signature=)",
-                handle=plan._handle,
-            )
+            raise self._refused(tensor.dtype, _dims(dims))
         shape = tuple(dims.as_list())
         key = (tensor.dtype, shape[1:])
         if type(tensor) is self._eager and len(self._seen) < _BINDER_LIMIT:
             self._seen[(tensor.dtype, shape)] = key
-            self._host.remember(inputs, key)
         return key, shape[0], tensor
+
+    def _bind_array(self, array: Any) -> tuple[Hashable | None, int, Any]:
+        """Check a numeric array by its dtype and shape; it stays an array."""
+        plan, dims = self._plan, array.shape
+        if self.natural:
+            try:
+                dtype = self._tf.as_dtype(array.dtype)
+            except TypeError as exc:
+                raise SignatureError(
+                    f"module {plan._handle!r}: the input cannot be converted to a tensor: {exc}",
+                    handle=plan._handle,
+                ) from exc
+            join_dtype = dtype
+        else:
+            dtype = plan._dtype
+            join_dtype = self._host.join_dtype(array, dtype)
+        if not any(d == dtype and _fits(dims, spec) for d, spec in self._forms):  # type: ignore[arg-type]
+            raise self._refused(dtype, dims)
+        key = (join_dtype, dims[1:])
+        self._host.remember(array, key)
+        return key, dims[0], array
+
+    def _refused(self, dtype: Any, dims: tuple[int | None, ...] | None) -> SignatureError:
+        plan = self._plan
+        return SignatureError(
+            f"module {plan._handle!r}: its callable object does not accept a "
+            f"{dtype.name}{_format_shape(dims)} tensor; it accepts "
+            f"{plan._accepted()} (or pass signature=)",
+            handle=plan._handle,
+        )
+
+
+def _natural_tensors(tf: Any) -> Callable[[Any], Any]:
+    """A function giving a numpy array as a tensor of its own dtype (anything else as
+    it is): what a callable object's binder without one input dtype leaves to the call."""
+    import numpy as np
+
+    ndarray, to_tensor = np.ndarray, host_converter(tf)
+
+    def convert(payload: Any) -> Any:
+        if type(payload) is not ndarray:
+            return payload
+        return to_tensor(payload, tf.as_dtype(payload.dtype))
+
+    return convert
 
 
 def _numpy_outputs(tf: Any) -> Callable[[Any], Any]:
@@ -864,8 +1044,10 @@ class Module:
         in numpy, such as a server encoding its answers.
 
         The same arguments give the same batcher. Raises :class:`SignatureError` if
-        the signature (or callable object) has an input without a leading batch
-        dimension, or if ``as_dict=False`` has no single output to return.
+        the signature (or callable object) has an input or an output it returns
+        without a leading batch dimension (every one must have it, as in Triton: only
+        then can a batch's result be split back by rows), or if ``as_dict=False`` has
+        no single output to return.
         """
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
             raise TypeError(f"max_batch_size must be an int, not {max_batch_size!r}")
@@ -885,18 +1067,29 @@ class Module:
             return batcher
         plan = self._plans.get(signature) or self._plan(signature)
         bind: Binder
+        tf = self._tf
+        prepare: Callable[[Any], Any] | None = None
         if isinstance(plan, _SignaturePlan):
             if plan._output is None and not as_dict:
                 raise plan._ambiguous_output()
             bind, what = _SignatureBinder(plan), f"batched {plan._where}"
+            outputs = plan._fn.structured_outputs
+            if not as_dict and isinstance(outputs, Mapping):
+                outputs = {plan._output: outputs[plan._output]}  # the only one returned
+            _require_batch_outputs(tf, plan._where, outputs, self._handle)
         elif isinstance(plan, _CallablePlan):
-            bind, what = _CallableBinder(plan), f"batched module {self._handle!r}"
+            callable_binder = _CallableBinder(plan)
+            bind, what = callable_binder, f"batched module {self._handle!r}"
+            if callable_binder.natural:
+                prepare = _natural_tensors(tf)
         else:  # pragma: no cover - every plan is one of the two
             raise TypeError(f"unexpected plan {plan!r}")
 
-        to_numpy = _numpy_outputs(self._tf) if as_numpy else None
+        to_numpy = _numpy_outputs(tf) if as_numpy else None
 
         def call(payload: Any) -> Any:
+            if prepare is not None:
+                payload = prepare(payload)
             result = plan(payload, as_dict, {})
             return result if to_numpy is None else to_numpy(result)
 
