@@ -45,6 +45,7 @@ from .repository import ARCHIVE_SUFFIX, ModuleSource, locate, scan, split_module
 
 try:
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import (
         FileResponse,
@@ -421,6 +422,13 @@ def create_app(
         from .infer import Inference
 
         inference = Inference(root_path, InferOptions() if infer is True else infer)
+    # ops hook: the app's metrics (/metrics) and drain state. Imported here, as infer is:
+    # prometheus_client costs ~35 ms to import.
+    from .ops import Ops, OpsMiddleware
+
+    ops = Ops(infer=inference is not None)
+    if inference is not None:
+        inference.ops = ops
 
     async def index(request: Request) -> Response:
         sources = await anyio.to_thread.run_sync(scan, host.root)
@@ -492,14 +500,17 @@ def create_app(
             if inference is not None:
                 await inference.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             *(inference.routes() if inference is not None else ()),
             Route("/", index, methods=["GET"]),
             Route("/{path:path}", module, methods=["GET"]),
         ],
+        middleware=[Middleware(OpsMiddleware, ops=ops)],  # ops hook
         lifespan=lifespan,
     )
+    app.state.ops = ops  # ops hook: asynchub serve drains through it (drain.py)
+    return app
 
 
 @contextlib.contextmanager
