@@ -33,6 +33,7 @@ from .errors import QueueFullError
 
 __all__ = [
     "THREADS",
+    "BatchObserver",
     "Batched",
     "Binder",
     "QueueFullError",
@@ -52,6 +53,12 @@ THREADS: Final = 2
 #: Checks one request and returns (the key of the requests it may join, its rows,
 #: what to join); a key of ``None`` means it runs alone (its inputs disagree on rows).
 Binder = Callable[[Any], tuple[Hashable | None, int, Any]]
+
+# -- observer (helper D's minimal copy of helper A's interface; take A's on merge) --
+#: Told after each batch, on the event loop: (requests, rows, queue_seconds,
+#: compute_seconds): how long the oldest request waited for its worker thread, and
+#: how long the batch ran in it.
+BatchObserver = Callable[[int, int, float, float], None]
 
 # One table per event loop: owner (a Module, a Batched) -> its state on that loop.
 # Events and limiters belong to the loop they were made on, so nothing here is shared.
@@ -214,6 +221,7 @@ class Batched:
         self._max_queue = max_queue
         # The asyncio loop that called last, and its queues: most programs run one loop.
         self._last: tuple[Callable[[], object], _Queues | None] = (lambda: None, None)
+        self.observer: BatchObserver | None = None  # observer (D's copy of A's)
 
     @property
     def max_batch_size(self) -> int:
@@ -283,15 +291,20 @@ class Batched:
         """Run one request that is not joined with others, on the module's threads."""
         threads = _per_loop(self._owner, _Threads)
         token = object()
+        arrival = time.monotonic()  # observer (D's copy of A's)
         queues.waiting += rows
         try:
             await threads.limiter.acquire_on_behalf_of(token)
         finally:
             queues.waiting -= rows
+        started = time.monotonic()  # observer
         try:
             return await threads.run(self._call, payload)
         finally:
             threads.limiter.release_on_behalf_of(token)
+            if self.observer is not None:  # observer
+                end = time.monotonic()
+                self.observer(1, rows, started - arrival, end - started)
 
     async def _lead(self, queues: _Queues, key: Hashable, group: _Group, me: _Request) -> None:
         """Wait out the batch window and a free thread, cut the batch, run it, deliver it."""
@@ -318,8 +331,13 @@ class Batched:
             self._hand_over(queues, key, group)
             # The batch carries other tasks' requests: it runs and is delivered even
             # if this task is cancelled meanwhile.
+            started = time.monotonic()  # observer (D's copy of A's)
             with anyio.CancelScope(shield=True):
                 await threads.run(self._run, batch)
+            if self.observer is not None:  # observer
+                end = time.monotonic()
+                rows = sum(r.rows for r in batch)
+                self.observer(len(batch), rows, started - batch[0].arrival, end - started)
         except BaseException as exc:  # only a bug in _run can land here; fail loudly
             for request in batch:
                 if request.value is _UNSET and request.error is None:
