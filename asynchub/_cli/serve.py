@@ -113,6 +113,13 @@ class _Size(click.ParamType[int]):
     show_default=True,
     help="The HTTP parser: auto takes httptools when it is installed (the server extra has it).",
 )
+@click.option(  # drain hook
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM or Ctrl-C: seconds in-flight requests get to finish (new ones get 503).",
+)
 @click.option(
     "--access-log/--no-access-log",
     default=True,
@@ -137,6 +144,7 @@ def serve(
     loop: str,
     http: str,
     access_log: bool,
+    drain_timeout: float,
 ) -> None:
     """Serve the modules under ROOT over HTTP, the TF Hub way.
 
@@ -144,7 +152,10 @@ def serve(
     archives; NAME may contain slashes. A client fetches NAME/VERSION with
     ?tf-hub-format=compressed; a browser gets a page about the module. With --infer,
     model NAME answers predictions at /v2/models/NAME[/versions/VERSION]/infer
-    (docs/serving.md).
+    (docs/serving.md). GET /metrics is for Prometheus.
+
+    SIGTERM or Ctrl-C drains first: new requests get 503, the ones in flight finish
+    (up to --drain-timeout), then the server exits 0 (1 if it cut requests off).
     """
     ctx = click.get_current_context()
     infer_only = (
@@ -169,6 +180,7 @@ def serve(
         try:
             import uvicorn
 
+            from .._serving.drain import run as run_server  # drain hook
             from ..server import InferOptions, create_app
         except ImportError as exc:
             raise MissingDependencyError(
@@ -192,8 +204,10 @@ def serve(
     # uvicorn's own logging, plus asynchub's (a model loaded, a module that cannot be packed).
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["asynchub"] = {"handlers": ["default"], "level": "INFO"}
-    uvicorn.run(
+    # drain hook: uvicorn.run, but SIGTERM drains the server first (docs/serving.md).
+    status = run_server(
         app,
+        drain_timeout=drain_timeout,
         host=host,
         port=port,
         loop=loop,
@@ -201,3 +215,5 @@ def serve(
         log_config=log_config,
         access_log=access_log,
     )
+    if status:
+        ctx.exit(status)

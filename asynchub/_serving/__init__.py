@@ -10,13 +10,17 @@ importing only the ones below it (``hosting`` -> ``infer`` -> ``repository``, ``
 - ``infer``: :class:`~asynchub._serving.infer.Inference`, the ``/v2`` routes of
   ``serve --infer`` (the Open Inference Protocol over ``Module.batched``).
 - ``options``: ``InferOptions``, which both of them take.
+- ``ops``: what operators need: the app's Prometheus metrics (``/metrics``), and the
+  middleware that counts requests and refuses new ones while the server drains.
+- ``drain``: ``asynchub serve``'s uvicorn server, which drains on SIGTERM before it stops.
 - ``repository``: a ROOT on disk: ``NAME/VERSION`` directories and archives, found
   (``locate``, ``scan``, ``versions``), sorted (``version_key``) and checked to stay inside.
 - ``oip``: the Open Inference Protocol's codec, plain functions: model paths, requests
   decoded, bound to a signature, responses encoded.
 
 Importing this imports starlette, not ``infer`` and ``oip``: they bring numpy and the
-module loader, and ``create_app`` imports them only when asked to serve predictions.
+module loader, and ``create_app`` imports them only when asked to serve predictions;
+nor ``ops`` (prometheus_client), which ``create_app`` imports.
 """
 
 from .hosting import (

@@ -60,6 +60,7 @@ from .repository import (
 try:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, PlainTextResponse, Response
     from starlette.routing import Route
@@ -531,6 +532,13 @@ def create_app(
         from .infer import Inference
 
         inference = Inference(root_path, InferOptions() if infer is True else infer)
+    # ops hook: the app's metrics (/metrics) and drain state. Imported here, as infer is:
+    # prometheus_client costs ~35 ms to import.
+    from .ops import Ops, OpsMiddleware
+
+    ops = Ops(infer=inference is not None)
+    if inference is not None:
+        inference.ops = ops
 
     async def index(request: Request) -> Response:
         sources = await anyio.to_thread.run_sync(scan, host.root)
@@ -612,15 +620,18 @@ def create_app(
             if inference is not None:
                 await inference.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             *(inference.routes() if inference is not None else ()),
             Route("/", index, methods=["GET"]),
             Route("/{path:path}", module, methods=["GET"]),
         ],
         exception_handlers={405: _not_allowed},
+        middleware=[Middleware(OpsMiddleware, ops=ops)],  # ops hook
         lifespan=lifespan,
     )
+    app.state.ops = ops  # ops hook: asynchub serve drains through it (drain.py)
+    return app
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.to_thread
@@ -71,6 +71,9 @@ from .oip import (
 )
 from .options import InferOptions
 from .repository import ModuleSource, latest, locate, scan, versions
+
+if TYPE_CHECKING:  # ops hook
+    from .ops import ModelStats, Ops
 
 __all__ = ["Inference"]
 
@@ -104,10 +107,17 @@ Apply = Callable[[Any], Awaitable[dict[str, Any]]]
 class _Model:
     """A loaded model version, and how each of its signatures is applied."""
 
-    def __init__(self, source: ModuleSource, module: Module, options: InferOptions) -> None:
+    def __init__(
+        self,
+        source: ModuleSource,
+        module: Module,
+        options: InferOptions,
+        stats: ModelStats | None = None,  # ops hook: its metrics
+    ) -> None:
         self.source = source
         self.module = module
         self.options = options
+        self.stats = stats
         self.label = f"model {source.name!r} version {source.version!r}"
         self._apply: dict[str, Apply] = {}
         self._in_flight = 0  # rows of unbatched requests admitted and not yet answered
@@ -142,7 +152,7 @@ class _Model:
         options = self.options
         if options.batching:
             try:
-                batched: Apply = self.module.batched(
+                batched = self.module.batched(
                     signature,
                     max_batch_size=options.max_batch_size,
                     max_delay=options.max_delay,
@@ -150,16 +160,20 @@ class _Model:
                     as_dict=True,
                     as_numpy=True,
                 )
-                return batched
+                if self.stats is not None:  # ops hook
+                    batched.observer = self.stats.batch
+                apply: Apply = batched
+                return apply
             except SignatureError as exc:  # e.g. an input without a batch dimension
                 logger.info(
                     "%s, signature %r: requests run one by one: %s", self.label, signature, exc
                 )
-        module, limit = self.module, options.max_queue
+        module, limit, stats = self.module, options.max_queue, self.stats
 
-        def call(inputs: Any) -> dict[str, Any]:
+        def call(inputs: Any) -> tuple[dict[str, Any], float, float]:
+            began = time.monotonic()  # ops hook: when it ran, for the metrics
             result = module(inputs, signature=signature, as_dict=True)
-            return {name: value.numpy() for name, value in result.items()}
+            return {name: value.numpy() for name, value in result.items()}, began, time.monotonic()
 
         async def unbatched(inputs: Any) -> dict[str, Any]:
             first = next(iter(inputs.values()), None) if isinstance(inputs, dict) else inputs
@@ -171,11 +185,14 @@ class _Model:
                     handle=module.handle,
                 )
             self._in_flight += rows
+            arrival = time.monotonic()
             try:
-                result: dict[str, Any] = await in_thread(module, call, inputs)
-                return result
+                result, began, ended = await in_thread(module, call, inputs)
             finally:
                 self._in_flight -= rows
+            if stats is not None:  # ops hook: each request is a batch of its own
+                stats.batch(1, rows, began - arrival, ended - began)
+            return result
 
         return unbatched
 
@@ -227,6 +244,7 @@ class Inference:
         self._processes_worked = False
         self._limits = Limits(options.max_request_rows, options.max_request_elements)
         self._asyncio = False  # set by start(): the event loop is asyncio's (or uvloop)
+        self.ops: Ops | None = None  # ops hook: the app's metrics, set by create_app
 
     # -- life ---------------------------------------------------------------------------------
 
@@ -335,20 +353,27 @@ class Inference:
                 self._load_blocking, path, str(source.path), limiter=self._load_threads
             )
         except HubError as exc:
+            if self.ops is not None:  # ops hook
+                self.ops.load_failed(name, version)
             # The details (paths on this machine) go to the log, not to the client.
             logger.error("cannot load model %s version %s: %s", name, version, exc)
             raise ProtocolError(
                 500,
                 f"model {name!r} version {version!r} cannot be loaded; the server's log says why",
             ) from exc
-        model = _Model(source, module, self.options)
+        seconds = time.perf_counter() - started
+        stats = None
+        if self.ops is not None:  # ops hook
+            self.ops.loaded(name, version, seconds)
+            stats = self.ops.model(name, version)
+        model = _Model(source, module, self.options, stats)
         self._loaded[(name, version)] = model
         logger.info(
             "loaded model %s version %s from %s in %.2f s",
             name,
             version,
             source.path,
-            time.perf_counter() - started,
+            seconds,
         )
         return model
 
@@ -366,7 +391,8 @@ class Inference:
             if self._hub is None:
                 from .._hub import AsyncHub
 
-                hub = AsyncHub()
+                # ops hook: the progress callback counts the archive bytes read.
+                hub = AsyncHub(progress=self.ops.hub_progress if self.ops is not None else None)
                 await hub.__aenter__()
                 self._hub = hub
         return self._hub
@@ -376,7 +402,27 @@ class Inference:
     async def infer(
         self, name: str, version: str | None, headers: _Headers, receive: Receive
     ) -> Response:
+        arrival = time.perf_counter()
         model = await self.model(name, version)
+        stats = model.stats
+        if stats is None:
+            return await self._infer(model, headers, receive, None)
+        # ops hook: each request a model answers is counted by its outcome.
+        try:
+            response = await self._infer(model, headers, receive, stats)
+        except ProtocolError as exc:
+            stats.failed(exc.status)
+            raise
+        except Exception:
+            stats.failed(500)
+            raise
+        stats.succeeded(time.perf_counter() - arrival)
+        return response
+
+    async def _infer(
+        self, model: _Model, headers: _Headers, receive: Receive, stats: ModelStats | None
+    ) -> Response:
+        started = time.perf_counter()  # ops hook
         body = await self._read_body(headers, receive)
         encoding = (headers.encoding or "identity").strip().lower()
         if encoding != "identity":
@@ -402,6 +448,12 @@ class Inference:
         # The arrays go on as they are: a batch of them is joined and converted once, in
         # a worker thread (dtype and shape were checked above).
         payload = next(iter(inputs.values())) if len(inputs) == 1 else inputs
+        rows = 0
+        if stats is not None:  # ops hook
+            stats.decode.observe(time.perf_counter() - started)
+            first = next(iter(inputs.values()), None)
+            rows = int(first.shape[0]) if first is not None and first.ndim else 1
+            stats.pending += rows
         try:
             result = await model.applier(info.name)(payload)
         except QueueFullError as exc:
@@ -413,6 +465,10 @@ class Inference:
                 raise ProtocolError(400, f"{where}: the model rejected the input: {exc}") from exc
             logger.exception("%s failed", where)
             raise ProtocolError(500, f"{where} failed; the server's log says why") from exc
+        finally:
+            if stats is not None:  # ops hook
+                stats.pending -= rows
+        encoding_started = time.perf_counter()  # ops hook
         outputs = [(output, result[output], binary) for output, binary in wanted]
         # Values written one by one: JSON ones, and BYTES strings even as binary.
         values = sum(a.size for _, a, binary in outputs if not binary or a.dtype == object)
@@ -424,6 +480,8 @@ class Inference:
             decoded.id,
             outputs,
         )
+        if stats is not None:  # ops hook
+            stats.encode.observe(time.perf_counter() - encoding_started)
         if head is None:
             return _Parts(parts, "application/json")
         return _Parts(
