@@ -6,7 +6,8 @@ through ``asynchub._launch``); the commands live in ``asynchub._cli``. Heavy par
 ``asynchub --help`` stays fast. Failures exit with status 1 and print a one-line
 ``error: ...`` on stderr, an OSError too (its own output's included: a closed
 stdout, a broken pipe, a full disk); Ctrl-C exits 130 and SIGTERM 143, after
-removing what a download left half-done.
+removing what a download left half-done. ``serve`` drains instead: the requests in
+flight finish, then it exits 0 (1 if ``--drain-timeout`` cut some off).
 """
 
 from __future__ import annotations
