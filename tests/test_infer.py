@@ -10,13 +10,11 @@ from __future__ import annotations
 import gc
 import json
 import os
-import queue
 import re
 import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 import pytest
 
 from . import _savedmodels
-from ._procs import stop_cleanly
+from ._procs import start_serve, stop_cleanly
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -251,48 +249,12 @@ def infer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("infer")
     root = base / "models"
     root.mkdir()
-    env = {
-        **os.environ,
-        "TFHUB_CACHE_DIR": str(base / "cache"),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    command = [sys.executable, "-m", "asynchub", "serve", str(root), "--infer"]
-    command += ["--host", "127.0.0.1", "--port", "0", "--max-queue", str(_MAX_QUEUE)]
-    command += ["--no-access-log"]
-    proc = subprocess.Popen(
-        command, cwd=base, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    # Modules load on first use, so they are built while the server imports TensorFlow.
+    served = start_serve(base, root, "--max-queue", str(_MAX_QUEUE), build=build_root)
     try:
-        # Modules load on first use, so they are built while the server imports TensorFlow.
-        build_root(root)
-        address = None
-        deadline = time.monotonic() + _START_TIMEOUT
-        while address is None:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"the server did not start in {_START_TIMEOUT}s:\n{''.join(log)}")
-            if line is None:
-                pytest.fail(f"the server exited {proc.wait()}:\n{''.join(log)}")
-            found = re.search(r"Uvicorn running on http://(\S+)", line)
-            if found:
-                address = found.group(1)
-        yield Server(address, log)
+        yield Server(served.address, served.log)
     finally:
-        stop_cleanly(proc, reader, log)
+        served.stop()
 
 
 @pytest.fixture(scope="module")

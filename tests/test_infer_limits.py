@@ -13,12 +13,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import os
-import queue
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,13 +26,11 @@ import numpy as np
 import pytest
 
 from . import _savedmodels
-from ._procs import stop_cleanly
+from ._procs import start_serve
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-REPO = Path(__file__).resolve().parents[1]
-_START_TIMEOUT = 120
 #: The body timeout of the server here: short, so that the trickling test is quick.
 _BODY_TIMEOUT = 4.0
 
@@ -76,45 +69,12 @@ class Server:
 def spawn_server(base: Path, flags: list[str]) -> Iterator[Server]:
     """``asynchub serve ROOT --infer FLAGS`` on a free port, with the echo models preloaded."""
     root = echo_modules(base / "models")
-    env = {
-        **os.environ,
-        "TFHUB_CACHE_DIR": str(base / "cache"),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    command = [sys.executable, "-m", "asynchub", "serve", str(root), "--infer", "--preload"]
-    command += ["--host", "127.0.0.1", "--port", "0", "--no-access-log", *flags]
-    proc = subprocess.Popen(
-        command, cwd=base, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    served = start_serve(base, root, "--preload", *flags)
     try:
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"the server did not start in {_START_TIMEOUT}s:\n{''.join(log)}")
-            if line is None:
-                pytest.fail(f"the server exited {proc.wait()}:\n{''.join(log)}")
-            found = re.search(r"Uvicorn running on http://(\S+):(\d+)", line)
-            if found:
-                host, port = found.group(1), int(found.group(2))
-                break
-        yield Server(f"http://{host}:{port}", host, port, log)
+        host, port = served.address.rsplit(":", 1)
+        yield Server(served.base, host, int(port), served.log)
     finally:
-        stop_cleanly(proc, reader, log)
+        served.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,10 @@ prometheus_client's own parser, and stopped with real signals.
 
 from __future__ import annotations
 
-import os
-import queue
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +20,7 @@ import numpy as np
 import pytest
 
 from . import _savedmodels
-from ._procs import stop_cleanly
+from ._procs import ServeProcess, start_serve, stop_cleanly
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -36,8 +30,6 @@ aio = pytest.importorskip("tritonclient.http.aio")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-_START_TIMEOUT = 120
 X = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
 
 
@@ -66,66 +58,6 @@ def sleepy_module(path: Path) -> Path:
         module, str(path), signatures={"serving_default": fn.get_concrete_function()}
     )
     return path
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[str]
-    url: str  # host:port, as tritonclient takes it
-    log: list[str]
-    reader: threading.Thread
-    root: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def base(self) -> str:
-        return f"http://{self.url}"
-
-
-def start_server(base: Path, root: Path, *options: str, build: Any = None) -> Server:
-    """``python -m asynchub serve root --infer`` on a free port; ``build(root)`` runs
-    while the server imports TensorFlow (modules load on first use)."""
-    env = {
-        **os.environ,
-        "TFHUB_CACHE_DIR": str(base / "cache"),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    command = [sys.executable, "-m", "asynchub", "serve", str(root), "--infer"]
-    command += ["--host", "127.0.0.1", "--port", "0", "--no-access-log", *options]
-    proc = subprocess.Popen(
-        command, cwd=base, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        if build is not None:
-            build(root)
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"the server did not start in {_START_TIMEOUT}s:\n{''.join(log)}")
-            if line is None:
-                pytest.fail(f"the server exited {proc.wait()}:\n{''.join(log)}")
-            found = re.search(r"Uvicorn running on http://(\S+)", line)
-            if found:
-                return Server(proc, found.group(1), log, reader, root)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
 
 
 def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -224,20 +156,20 @@ def _build_metrics_root(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def metrics_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def metrics_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     pytest.importorskip("tensorflow")
     base = tmp_path_factory.mktemp("metrics")
     root = base / "models"
     root.mkdir()
-    server = start_server(base, root, "--max-queue", "4", build=_build_metrics_root)
+    server = start_serve(base, root, "--max-queue", "4", build=_build_metrics_root)
     try:
         yield server
     finally:
         stop_cleanly(server.proc, server.reader, server.log)
 
 
-def test_metrics_count_what_tritonclient_did(metrics_server: Server) -> None:
-    url, base = metrics_server.url, metrics_server.base
+def test_metrics_count_what_tritonclient_did(metrics_server: ServeProcess) -> None:
+    url, base = metrics_server.address, metrics_server.base
     before = scrape(base)
     # The process collectors are on the app's own registry.
     assert value(before, "process_cpu_seconds_total") > 0
@@ -393,7 +325,7 @@ def _wait_in_flight(base: str, count: int) -> None:
         time.sleep(0.02)
 
 
-def _finish(server: Server) -> None:
+def _finish(server: ServeProcess) -> None:
     """Kill the server if the test left it running; close its pipe."""
     if server.proc.poll() is None:
         server.proc.kill()
@@ -403,8 +335,8 @@ def _finish(server: Server) -> None:
         server.proc.stderr.close()
 
 
-def _warm(server: Server) -> None:
-    with http.InferenceServerClient(server.url, network_timeout=60.0) as client:
+def _warm(server: ServeProcess) -> None:
+    with http.InferenceServerClient(server.address, network_timeout=60.0) as client:
         client.infer("sleepy", [_input("x", np.zeros(1, np.float32))])  # loads it
 
 
@@ -418,12 +350,12 @@ def drain_root(tmp_path: Path) -> Path:
 
 
 def test_sigterm_drains_then_exits_0(tmp_path: Path, drain_root: Path) -> None:
-    server = start_server(tmp_path, drain_root, "--drain-timeout", "20")
+    server = start_serve(tmp_path, drain_root, "--drain-timeout", "20")
     try:
         _warm(server)
         results: dict[int, Any] = {}
         seconds = [1.0, 1.01, 1.02, 1.03]
-        fired = _fire(server.url, seconds, results)
+        fired = _fire(server.address, seconds, results)
         _wait_in_flight(server.base, len(seconds))
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -468,11 +400,11 @@ def test_sigterm_drains_then_exits_0(tmp_path: Path, drain_root: Path) -> None:
 def test_drain_timeout_cuts_off_and_exits_1(tmp_path: Path, drain_root: Path) -> None:
     # A request longer than --drain-timeout: the server waits the bound, no longer (not
     # the request's 10 s), and exits 1 to say that requests were lost.
-    server = start_server(tmp_path, drain_root, "--drain-timeout", "1")
+    server = start_serve(tmp_path, drain_root, "--drain-timeout", "1")
     try:
         _warm(server)
         results: dict[int, Any] = {}
-        fired = _fire(server.url, [10.0], results)
+        fired = _fire(server.address, [10.0], results)
         _wait_in_flight(server.base, 1)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -490,11 +422,11 @@ def test_drain_timeout_cuts_off_and_exits_1(tmp_path: Path, drain_root: Path) ->
 
 
 def test_a_second_signal_stops_at_once(tmp_path: Path, drain_root: Path) -> None:
-    server = start_server(tmp_path, drain_root, "--drain-timeout", "60")
+    server = start_serve(tmp_path, drain_root, "--drain-timeout", "60")
     try:
         _warm(server)
         results: dict[int, Any] = {}
-        fired = _fire(server.url, [10.0], results)
+        fired = _fire(server.address, [10.0], results)
         _wait_in_flight(server.base, 1)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
