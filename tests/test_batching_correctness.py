@@ -27,6 +27,8 @@ from asynchub import ModuleError, SignatureError
 from asynchub._batching import Batched, loop_threads
 from asynchub._module import Module, load_module
 
+from ._heartbeat import largest_gap
+
 pytestmark = pytest.mark.tf
 
 TABLE = [10, 20, 30, 40]
@@ -283,27 +285,6 @@ def test_a_refused_call_leaves_the_callable_object_usable(
 # --- 4. a big request is converted off the loop ---------------------------------------
 
 
-async def _largest_gap(work: Callable[[], Awaitable[Any]]) -> float:
-    """The longest the loop went without running a 1 ms heartbeat while ``work`` ran."""
-    gaps: list[float] = []
-    done = anyio.Event()
-
-    async def heartbeat() -> None:
-        last = time.perf_counter()
-        while not done.is_set():
-            await anyio.sleep(0.001)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(heartbeat)
-        await anyio.sleep(0.02)
-        await work()
-        done.set()
-    return max(gaps)
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("signature", [None, "wide"])
 async def test_a_big_numpy_request_is_converted_off_the_loop(
@@ -327,8 +308,8 @@ async def test_a_big_numpy_request_is_converted_off_the_loop(
 
     rounds = []
     for _ in range(3):
-        blocked = await _largest_gap(on_the_loop)
-        gap = await _largest_gap(batched)
+        blocked = await largest_gap(on_the_loop)
+        gap = await largest_gap(batched)
         rounds.append((gap, blocked))
         if gap < 0.5 * blocked:
             break

@@ -11,7 +11,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from asynchub._batching import THREADS, Batched, QueueFullError, loop_threads
 from asynchub._module import Module, load_module
 
 from . import _savedmodels
+from ._heartbeat import largest_gap
 
 pytestmark = pytest.mark.tf
 
@@ -261,27 +262,6 @@ def _spin_calibrated(ops: Module, tf: Any, seconds: float) -> tuple[Any, float]:
         n = int(n * min(10.0, max(1.5, seconds / max(took, 1e-4))))
 
 
-async def _largest_gap(work: Callable[[], Awaitable[None]]) -> float:
-    """The longest the loop went without running a 1 ms heartbeat while ``work`` ran."""
-    gaps: list[float] = []
-    done = anyio.Event()
-
-    async def heartbeat() -> None:
-        last = time.perf_counter()
-        while not done.is_set():
-            await anyio.sleep(0.001)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(heartbeat)
-        await anyio.sleep(0.02)
-        await work()
-        done.set()
-    return max(gaps)
-
-
 @pytest.mark.anyio
 async def test_acall_keeps_the_loop_running(ops: Module, tf: Any) -> None:
     inputs, _ = _spin_calibrated(ops, tf, 0.5)
@@ -297,8 +277,8 @@ async def test_acall_keeps_the_loop_running(ops: Module, tf: Any) -> None:
         await ops.acall(inputs, signature="spin")
         took["acall"] = time.perf_counter() - started
 
-    blocked = await _largest_gap(blocking)
-    free = await _largest_gap(in_thread)
+    blocked = await largest_gap(blocking)
+    free = await largest_gap(in_thread)
     # Calling from the loop stalls it for the whole call; acall for a small part of it
     # at most (a few ms on an idle machine; the bound leaves room for a busy one).
     assert blocked >= 0.9 * took["blocking"]
