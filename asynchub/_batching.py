@@ -228,7 +228,7 @@ class _Threads:
             except BaseException as exc:  # handed to the caller, like a future would
                 call.error = exc
             done.append(call)
-            if len(done) >= _DELIVER_EVERY:
+            if len(done) >= _DELIVER_EVERY and queue:  # the last ones go with the slot
                 loop.call_soon_threadsafe(self._deliver, done, None)
                 done = []
         loop.call_soon_threadsafe(self._deliver, done, token)
