@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from ..errors import ProtocolError
+from .datatypes import DATATYPES
 
 if TYPE_CHECKING:
     from .._module import SignatureInfo, TensorInfo
@@ -40,23 +41,6 @@ __all__ = [
     "parse_model_path",
 ]
 
-#: TensorFlow dtype name -> the protocol's datatype.
-DATATYPES: Final = {
-    "bool": "BOOL",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "float16": "FP16",
-    "bfloat16": "BF16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "string": "BYTES",
-}
 # The protocol's datatype -> numpy's (little-endian, as the binary extension is); BF16
 # comes from ml_dtypes (TensorFlow's own dependency) when first needed.
 _NUMPY: Final = {

@@ -23,30 +23,13 @@ from urllib.parse import quote
 
 from .._pack import MODULE_MARKERS
 from ..errors import MissingDependencyError
+from .datatypes import DATATYPES
 from .repository import ModuleSource
 
 __all__ = ["DATATYPES", "Description", "Signature", "Tensor", "describe", "index", "module"]
 
 logger = logging.getLogger("asynchub.server")
 
-#: TensorFlow dtype name -> the Open Inference Protocol's datatype (``oip.DATATYPES``,
-#: repeated so that pages do not import numpy; a test keeps the two equal).
-DATATYPES = {
-    "bool": "BOOL",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "float16": "FP16",
-    "bfloat16": "BF16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "string": "BYTES",
-}
 # The numpy type a tritonclient snippet builds for each datatype (BF16 goes as float32).
 _NUMPY = {
     "BOOL": "bool",
