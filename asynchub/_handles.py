@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-import httpx
-
 from ._integrity import split_fragment
 from ._types import Handle
 from .errors import HandleError
@@ -140,8 +138,12 @@ def compressed_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def parse(handle: Handle) -> ParsedHandle:
-    """Classify ``handle``; raise :class:`HandleError` for anything asynchub cannot resolve."""
+def parse(handle: Handle, *, strict: bool = True) -> ParsedHandle:
+    """Classify ``handle``; raise :class:`HandleError` for anything asynchub cannot resolve.
+
+    ``strict=False`` skips one check: whether httpx would send an http(s) URL. A
+    cache lookup, which sends nothing, parses so without importing httpx.
+    """
     if not isinstance(handle, (str, os.PathLike)):
         raise HandleError(
             f"handle must be a str or a path, got {type(handle).__name__}; expected {_FORMS}",
@@ -160,7 +162,7 @@ def parse(handle: Handle) -> ParsedHandle:
         )
     if _FRAGMENT in text:
         base, digest = split_fragment(text)
-        parsed = _parse(base)
+        parsed = _parse(base, strict)
         _check_fragment(parsed, text)
         if parsed.kind is HandleKind.DIRECTORY:
             raise HandleError(
@@ -169,7 +171,7 @@ def parse(handle: Handle) -> ParsedHandle:
                 handle=text,
             )
         return dataclasses.replace(parsed, text=text, digest=digest, base=parsed.name)
-    parsed = _parse(text)
+    parsed = _parse(text, strict)
     _check_fragment(parsed, text)
     return parsed
 
@@ -199,13 +201,13 @@ def _check_fragment(parsed: ParsedHandle, text: str) -> None:
         )
 
 
-def _parse(text: str) -> ParsedHandle:
+def _parse(text: str, strict: bool = True) -> ParsedHandle:
     lower = text.lower()
     if lower.startswith(("http://", "https://")):
-        return ParsedHandle(text, HandleKind.URL, url=_checked_url(text))
+        return ParsedHandle(text, HandleKind.URL, url=_checked_url(text, strict))
     if lower.startswith("kaggle://"):
         url = kaggle_url(text)
-        return ParsedHandle(text, HandleKind.URL, url=_checked_url(url), base=url)
+        return ParsedHandle(text, HandleKind.URL, url=_checked_url(url, strict), base=url)
     if lower.startswith(("s3://", "gs://")):
         return _object(text)
     if lower.startswith("file://"):
@@ -286,15 +288,25 @@ def _object(text: str) -> ParsedHandle:
     return ParsedHandle(text, HandleKind.PREFIX, url=url)
 
 
-def _checked_url(text: str) -> str:
-    """The compressed-format URL of an http(s) handle, or HandleError if it is malformed."""
+def _checked_url(text: str, strict: bool = True) -> str:
+    """The compressed-format URL of an http(s) handle, or HandleError if it is malformed.
+
+    ``strict`` also asks httpx (imported here, not at module level: a process that
+    only looks in the cache never needs it) whether its client would send the URL.
+    """
     try:
         parts = urlsplit(text)
         host = parts.hostname
         _ = parts.port  # a port that is not a number raises here
         url = compressed_url(text)
-        httpx.URL(url)  # what the client will refuse (control characters, bad hosts)
-    except (ValueError, httpx.InvalidURL) as exc:
+        if strict:
+            import httpx
+
+            try:
+                httpx.URL(url)  # what the client will refuse (control characters, bad hosts)
+            except httpx.InvalidURL as exc:
+                raise ValueError(str(exc)) from exc
+    except ValueError as exc:
         raise HandleError(f"malformed URL {text!r}: {exc}; expected {_FORMS}", handle=text) from exc
     if not host:
         raise HandleError(f"URL {text!r} names no host; expected {_FORMS}", handle=text)

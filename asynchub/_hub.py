@@ -22,7 +22,8 @@ from ._archive import gzip_backend as find_gzip_backend
 from ._config import RUNTIME_OPTIONS, HubConfig, HubOptions
 from ._fetch import Events, Fetcher
 from ._handles import HandleKind, ParsedHandle, parse
-from ._integrity import LockEntry, Pin, parse_digest, pin_of, read_lock, split_fragment
+from ._integrity import LockEntry, Pin, parse_digest, read_lock, split_fragment
+from ._lookup import accept_for, pin_for
 from ._progress import ProgressKind
 from ._sources import ObjectStores, net
 from ._store import Accept, Record, Store
@@ -403,7 +404,7 @@ class AsyncHub:
         if parsed.kind is HandleKind.DIRECTORY:
             return parsed.path
         pin = self._pin(parsed, None)
-        accept, name = _accept(pin), None if pin is None else pin.name
+        accept, name = accept_for(pin), None if pin is None else pin.name
         hit = self.store.lookup_inline(parsed.key, parsed.stamp, accept, name)
         if hit is None:
             hit = await to_thread.run_sync(
@@ -423,7 +424,7 @@ class AsyncHub:
         except HubError:
             return None  # the full path raises it, with the hub's context
         name = None if pin is None else pin.name
-        return self.store.lookup(parsed.key, parsed.stamp, _accept(pin), name)
+        return self.store.lookup(parsed.key, parsed.stamp, accept_for(pin), name)
 
     @_counted
     async def lock_entry(self, handle: Handle) -> LockEntry:
@@ -495,31 +496,8 @@ class AsyncHub:
         return path, entry
 
     def _pin(self, parsed: ParsedHandle, digest: str | None) -> Pin | None:
-        """What the handle's download must match: the argument, the fragment, the lock file.
-
-        Digests that disagree are a HandleError (a given digest agrees with the
-        lock file's entry when it is either of its digests, see ``pin_of``);
-        with a lock file, a handle it does not list is refused (IntegrityError).
-        A prefix has no archive: its pin is the module's content digest.
-        """
-        given: list[tuple[str, str]] = []
-        if digest is not None:
-            given.append((parse_digest(digest, handle=parsed.text), "digest argument"))
-        if parsed.digest is not None:
-            given.append((parsed.digest, "#sha256= fragment"))
-        lock: Pin | None = None
-        if self._lock is not None:
-            assert self.config.lockfile is not None
-            entry = self._lock.get(parsed.name)
-            if entry is None:
-                raise IntegrityError(
-                    f"{parsed.text} is not in the lock file {self.config.lockfile}, and a hub "
-                    "with a lock file fetches nothing unpinned; add it with "
-                    f"'asynchub lock {parsed.name} ...'",
-                    handle=parsed.text,
-                )
-            lock = entry.pin(self.config.lockfile)
-        return pin_of(given, lock, prefix=parsed.kind is HandleKind.PREFIX, handle=parsed.text)
+        """What the handle's download must match (see :func:`asynchub._lookup.pin_for`)."""
+        return pin_for(parsed, digest, self._lock, self.config.lockfile)
 
     async def _single_flight(
         self,
@@ -537,7 +515,9 @@ class AsyncHub:
         name = None if pin is None else pin.name
         if key not in self._flights:
             # A hit answered on the loop needs no flight for others to wait on.
-            hit = self.store.lookup_inline(parsed.key, parsed.stamp, accept or _accept(pin), name)
+            hit = self.store.lookup_inline(
+                parsed.key, parsed.stamp, accept or accept_for(pin), name
+            )
             if hit is not None:
                 self._emit(ProgressKind.CACHED, parsed, path=hit)
                 return hit
@@ -574,7 +554,7 @@ class AsyncHub:
         file_digests: bool = False,
     ) -> Path:
         store = self.store
-        accept = accept or _accept(pin)
+        accept = accept or accept_for(pin)
         # The handle's entry, then the pin's own (where a pinned download goes
         # when the handle's entry holds other bytes: see Store.commit).
         name = None if pin is None else pin.name
@@ -640,14 +620,3 @@ def _with_digest(handle: Handle, digests: Mapping[str, str]) -> Handle:
     if digest is None or digest == have:
         return handle
     return f"{text}#sha256={digest}"
-
-
-def _accept(pin: Pin | None) -> Accept | None:
-    """A store ``accept`` that takes only entries recorded with the pinned digest."""
-    if pin is None:
-        return None
-
-    def accept(record: Record) -> bool:
-        return pin.satisfied_by(record.sha256, record.tree_sha256)
-
-    return accept

@@ -27,13 +27,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ._config import HubConfig, HubOptions
-from ._hub import AsyncHub
+from ._lookup import cached
 from ._module import Module, default_signature, load_module
-from ._prefetch import check_processes
-from ._sync import Hub, aload
 from ._types import Handle, Processes
-from ._workers import error_from_json, error_to_json
 from .errors import HandleError, HubError, MissingDependencyError, PrefetchError, SignatureError
+
+# The hub, the download machinery and httpx are imported where they are needed: an
+# actor whose node's cache holds its module (after prefetch_on_nodes) never needs
+# them, and importing them would cost each actor ~0.15 s before TensorFlow's import.
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -119,6 +120,8 @@ def prefetch_on_nodes(
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from ._prefetch import check_processes
+
     items = list(handles)
     _check_hub_options(hub_options)
     check_processes(processes)
@@ -190,6 +193,9 @@ def _prefetch_here(
     """
     import anyio
 
+    from ._hub import AsyncHub
+    from ._workers import error_to_json
+
     async def run() -> list[Any]:
         async with AsyncHub(**options) as hub:
             return await hub.prefetch(handles, return_exceptions=True, processes=processes)
@@ -201,6 +207,8 @@ def _prefetch_here(
 def _outcome(item: str | Mapping[str, Any], label: str) -> str | HubError:
     if isinstance(item, str):
         return item
+    from ._workers import error_from_json
+
     return error_from_json({**item, "message": f"on {label}: {item.get('message', '')}"})
 
 
@@ -259,14 +267,18 @@ class Predictor:
         **hub_options: Unpack[HubOptions],
     ) -> None:
         # A cache hit (every actor after the node's first, or after prefetch_on_nodes)
-        # is answered in this thread: no event loop thread is started for it.
-        hub = Hub(**hub_options)
-        try:
-            path = hub.resolve(handle)
-        finally:
-            hub.close()
+        # is answered in this thread, without a hub: no event loop, no httpx.
+        path = cached(handle, hub_options)
+        if path is not None:
+            module = load_module(path, handle=os.fspath(handle), tags=tags)
+        else:
+            # A download: the hub's load imports TensorFlow while it downloads.
+            from ._sync import Hub
+
+            with Hub(**hub_options) as hub:
+                module = hub.load(handle, tags=tags)
         #: The loaded module (one per actor).
-        self.module: Module = load_module(path, handle=os.fspath(handle), tags=tags)
+        self.module: Module = module
         self.signature = signature
         self.input_column = input_column if isinstance(input_column, str) else dict(input_column)
         self.output_column = (
@@ -432,6 +444,8 @@ def model_loader(
         return template.replace("{model_id}", model_id)
 
     async def load_multiplexed_model(model_id: str) -> Module:
+        from ._sync import aload
+
         return await aload(handle_for(model_id), tags=tag_list, **hub_options)
 
     return load_multiplexed_model
