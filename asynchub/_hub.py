@@ -307,7 +307,11 @@ class AsyncHub:
         ``digest`` pins the archive as for :meth:`resolve`.
         """
         from ._module import load_module
+        from ._tf import import_tensorflow_soon
 
+        if "tensorflow" not in sys.modules and await self.lookup(handle) is None:
+            # A download: TensorFlow's import (seconds) runs meanwhile, in a thread.
+            import_tensorflow_soon()
         path = await self.resolve(handle, digest=digest)
         text = os.fspath(handle)
         return await to_thread.run_sync(

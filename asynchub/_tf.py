@@ -7,12 +7,20 @@ asynchub imports it at module level; code that needs it calls
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from .errors import MissingDependencyError
 
-__all__ = ["INSTALL_HINT", "host_converter", "host_types", "import_tensorflow"]
+__all__ = [
+    "INSTALL_HINT",
+    "host_converter",
+    "host_types",
+    "import_tensorflow",
+    "import_tensorflow_soon",
+]
 
 INSTALL_HINT = 'pip install "asynchub[tensorflow]"'
 
@@ -31,6 +39,36 @@ def import_tensorflow() -> Any:
             f"({exc}). Install it with: {INSTALL_HINT}"
         ) from exc
     return tensorflow
+
+
+_importing = threading.Lock()
+_started = False
+
+
+def import_tensorflow_soon() -> None:
+    """Start importing TensorFlow in a daemon thread, unless it is imported or under way.
+
+    For a caller that will need it after a wait of its own (a download): the
+    seconds of the import overlap the wait, and the later :func:`import_tensorflow`
+    returns once this import is done (the import system's lock on the module).
+    Any error is left for that later call to raise. A daemon thread: a process that
+    exits meanwhile (the download failed, Ctrl-C) does not wait for the import.
+    """
+    global _started
+    if "tensorflow" in sys.modules:
+        return
+    with _importing:
+        if _started:
+            return
+        _started = True
+    threading.Thread(target=_import_quietly, name="asynchub-import-tensorflow", daemon=True).start()
+
+
+def _import_quietly() -> None:
+    try:
+        import_tensorflow()
+    except BaseException:  # the caller's own import_tensorflow() raises it
+        return
 
 
 def host_types() -> frozenset[type]:

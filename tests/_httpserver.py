@@ -41,6 +41,10 @@ class Route:
     stall_at: int | None = None
     stall_for: float = 0.0
     stall_times: int = 1
+    #: Hold every GET's body (after its headers) until this event is set, for at
+    #: most ``gate_timeout`` seconds.
+    gate: threading.Event | None = None
+    gate_timeout: float = 120.0
     #: Serve this body (a new version, with its own ETag) from the first Range
     #: request on, ignoring If-Range: a server that would splice two versions.
     next_body: bytes | None = None
@@ -170,6 +174,9 @@ def _make_handler(server: Server) -> type[http.server.BaseHTTPRequestHandler]:
                 route.stall_times -= 1
                 stall = route.stall_at
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                if route.gate is not None:
+                    self.wfile.flush()
+                    route.gate.wait(route.gate_timeout)
                 while pos < end:
                     if stall is not None and pos >= stall:
                         self.wfile.flush()
