@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._batching import Batched, Binder, in_thread
-from ._tf import host_converter, host_types, import_tensorflow
+from ._tf import gc_paused, host_converter, host_types, import_tensorflow
 from .errors import ModuleError, SignatureError
 
 if TYPE_CHECKING:
@@ -1226,16 +1226,17 @@ def load_module(
     tf = import_tensorflow()
     # A lone string is an iterable of characters; nobody means that.
     tag_list = [tags] if isinstance(tags, str) else None if tags is None else list(tags)
-    try:
-        obj = tf.saved_model.load(str(path), tags=tag_list, options=options)
-    except Exception as exc:  # TensorFlow raises many unrelated types here; wrap them all
-        with_tags = f" with tags={sorted(tag_list)!r}" if tag_list is not None else ""
-        raise ModuleError(
-            f"module {handle!r}: TensorFlow could not load the SavedModel in {path}"
-            f"{with_tags}: {exc}",
-            handle=handle,
-        ) from exc
-    return Module(obj, path=path, handle=handle)
+    with gc_paused():  # see gc_paused: a load is a burst of long-lived objects
+        try:
+            obj = tf.saved_model.load(str(path), tags=tag_list, options=options)
+        except Exception as exc:  # TensorFlow raises many unrelated types here; wrap them all
+            with_tags = f" with tags={sorted(tag_list)!r}" if tag_list is not None else ""
+            raise ModuleError(
+                f"module {handle!r}: TensorFlow could not load the SavedModel in {path}"
+                f"{with_tags}: {exc}",
+                handle=handle,
+            ) from exc
+        return Module(obj, path=path, handle=handle)
 
 
 def _describe_dir(path: Path) -> str:

@@ -7,15 +7,18 @@ asynchub imports it at module level; code that needs it calls
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import MissingDependencyError
 
 __all__ = [
     "INSTALL_HINT",
+    "gc_paused",
     "host_converter",
     "host_types",
     "import_tensorflow",
@@ -31,14 +34,51 @@ def import_tensorflow() -> Any:
     Raises :class:`MissingDependencyError`, with the command that installs it,
     when TensorFlow is not installed.
     """
+    if sys.modules.get("tensorflow") is not None:  # imported, or under way in a thread
+        import tensorflow  # (then this waits for it)
+
+        return tensorflow
     try:
-        import tensorflow
+        with gc_paused():
+            import tensorflow
     except ImportError as exc:
         raise MissingDependencyError(
             "TensorFlow is needed to load and apply modules, but it is not installed "
             f"({exc}). Install it with: {INSTALL_HINT}"
         ) from exc
     return tensorflow
+
+
+_pause_lock = threading.Lock()
+_pauses = 0
+_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while the block runs, then as it was.
+
+    For TensorFlow's import and a SavedModel's load: each makes hundreds of
+    thousands of long-lived objects and little garbage, and the collector,
+    counting them, runs full collections over the whole heap meanwhile (five
+    for ``import tensorflow`` plus a MobileNetV2 load, ~0.7 s of 3.6 s). Paused,
+    the same work takes ~25% less time; what garbage it left is collected by
+    the next collection after. Nested and concurrent pauses (threads) end
+    together; a collector that was disabled stays disabled.
+    """
+    global _pauses, _was_enabled
+    with _pause_lock:
+        if _pauses == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _was_enabled:
+                gc.enable()
 
 
 _importing = threading.Lock()
