@@ -20,6 +20,7 @@ is docs/scale-out.md.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from ._config import HubConfig, HubOptions
 from ._lookup import cached
 from ._module import Module, default_signature, load_module
+from ._tf import gc_paused
 from ._types import Handle, Processes
 from .errors import HandleError, HubError, MissingDependencyError, PrefetchError, SignatureError
 
@@ -266,17 +268,24 @@ class Predictor:
         tags: Iterable[str] | None = None,
         **hub_options: Unpack[HubOptions],
     ) -> None:
-        # A cache hit (every actor after the node's first, or after prefetch_on_nodes)
-        # is answered in this thread, without a hub: no event loop, no httpx.
-        path = cached(handle, hub_options)
-        if path is not None:
-            module = load_module(path, handle=os.fspath(handle), tags=tags)
-        else:
-            # A download: the hub's load imports TensorFlow while it downloads.
-            from ._sync import Hub
+        with gc_paused():
+            # A cache hit (every actor after the node's first, or after prefetch_on_nodes)
+            # is answered in this thread, without a hub: no event loop, no httpx.
+            path = cached(handle, hub_options)
+            if path is not None:
+                module = load_module(path, handle=os.fspath(handle), tags=tags)
+            else:
+                # A download: the hub's load imports TensorFlow while it downloads.
+                from ._sync import Hub
 
-            with Hub(**hub_options) as hub:
-                module = hub.load(handle, tags=tags)
+                with Hub(**hub_options) as hub:
+                    module = hub.load(handle, tags=tags)
+            if _in_ray_actor():
+                # The actor lives to apply this module: what TensorFlow, Ray and the
+                # module made lives as long. Frozen, it is never scanned again; else the
+                # collector's next full passes over it (~0.2-0.5 s each with TensorFlow
+                # and Ray loaded) would land in the first batches.
+                gc.freeze()
         #: The loaded module (one per actor).
         self.module: Module = module
         self.signature = signature
@@ -376,6 +385,17 @@ class Predictor:
             f"Predictor(handle={self.module.handle!r}, signature={self.signature!r}, "
             f"input_column={self.input_column!r}, output_column={self.output_column!r})"
         )
+
+
+def _in_ray_actor() -> bool:
+    """Whether this process is a Ray actor's (Ray imported, connected, an actor id)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    try:
+        return ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # a Ray without the call, or not quite connected
+        return False
 
 
 def _column(batch: Mapping[str, Any], name: str) -> Any:

@@ -41,7 +41,7 @@ def run(code: str, **env: str) -> Any:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def hub_says(handle: str, **options: Any) -> Path | None | str:
+async def hub_says(handle: str, **options: Any) -> Path | str | None:
     """What the hub's own lookup answers: a path, None, or the error it raises."""
     async with AsyncHub(**options) as hub:
         try:

@@ -10,6 +10,7 @@ which counts each GET. Actors ask for fractional CPUs so that all fit on 2 cores
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import subprocess
@@ -318,6 +319,7 @@ class CountingPredictor(hub_ray.Predictor):
         super().__init__(**kwargs)
         _LOADS += 1
         self._node = ray.get_runtime_context().get_node_id()
+        self._frozen = gc.get_freeze_count() if gc.isenabled() else -1
 
     def __call__(self, batch: Any) -> dict[str, Any]:
         global _CALLS
@@ -330,6 +332,7 @@ class CountingPredictor(hub_ray.Predictor):
         out["module"] = np.full(rows, id(self.module))
         out["node"] = np.array([self._node] * rows)
         out["path"] = np.array([str(self.module.path)] * rows)
+        out["frozen"] = np.full(rows, self._frozen)
         return out
 
 
@@ -374,6 +377,8 @@ def test_map_batches_per_node_caches(
     assert len(per_actor) >= 2
     assert all(len(seen) == 1 and next(iter(seen))[0] == 1 for seen in per_actor.values())
     assert max(len(c) for c in calls.values()) >= 2
+    # In an actor, the Predictor froze what it had loaded (and the collector is back on).
+    assert all(int(row["frozen"]) > 10_000 for row in out)
 
     # Each actor resolved through its node's cache; each node fetched the module once,
     # however many of the pool's 3 actors it runs (2 and 1, or 3 and 0).
@@ -435,7 +440,11 @@ def test_predictor_checks_columns_against_the_signature(fruit: tuple[Path, bytes
 
 def test_predictor_applies_the_module_to_numpy_batches(fruit: tuple[Path, bytes]) -> None:
     module_dir, _ = fruit
+    frozen = gc.get_freeze_count()
     predict = hub_ray.Predictor(str(module_dir))
+    # Outside an actor, the process is not the Predictor's to freeze.
+    assert gc.get_freeze_count() == frozen
+    assert gc.isenabled()
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     out = predict({"x": x, "id": np.arange(4)})
     np.testing.assert_allclose(out["y"], x * 2)
