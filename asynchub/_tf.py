@@ -49,6 +49,9 @@ def import_tensorflow() -> Any:
     return tensorflow
 
 
+#: Objects made during a pause past which its end runs one full collection (an
+#: import of TensorFlow makes ~450,000; a small module's load, ~10,000).
+_COLLECT_AFTER = 100_000
 _pause_lock = threading.Lock()
 _pauses = 0
 _was_enabled = False
@@ -60,10 +63,11 @@ def gc_paused() -> Iterator[None]:
 
     For TensorFlow's import and a SavedModel's load: each makes hundreds of
     thousands of long-lived objects and little garbage, and the collector,
-    counting them, runs full collections over the whole heap meanwhile (five
-    for ``import tensorflow`` plus a MobileNetV2 load, ~0.7 s of 3.6 s). Paused,
-    the same work takes ~25% less time; what garbage it left is collected by
-    the next collection after. Nested and concurrent pauses (threads) end
+    counting them, runs full collections over the whole heap meanwhile (four to
+    six for ``import tensorflow``, 0.07-0.18 s each with Ray loaded). When the
+    last pause ends, a burst of more than ``_COLLECT_AFTER`` objects gets one
+    full collection at once, which also takes what garbage it left; a smaller
+    one is left to the collector. Nested and concurrent pauses (threads) end
     together; a collector that was disabled stays disabled.
     """
     global _pauses, _was_enabled
@@ -77,8 +81,14 @@ def gc_paused() -> Iterator[None]:
     finally:
         with _pause_lock:
             _pauses -= 1
-            if _pauses == 0 and _was_enabled:
+            resume = _pauses == 0 and _was_enabled
+            if resume:
                 gc.enable()
+        if resume and gc.get_count()[0] > _COLLECT_AFTER:
+            # Left alone, the collector would pass over all these young objects three
+            # times (young, middle, then a full pass), the last ones in the caller's
+            # first calls; one full pass now costs about one of those.
+            gc.collect()
 
 
 _importing = threading.Lock()
