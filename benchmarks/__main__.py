@@ -38,6 +38,7 @@ def _parts() -> dict[str, Callable[[Work], list[Section]]]:
         bench_infer,
         bench_memory,
         bench_resolve,
+        bench_startup,
     )
 
     return {
@@ -49,6 +50,7 @@ def _parts() -> dict[str, Callable[[Work], list[Section]]]:
         "memory": bench_memory.run,
         "gzip": bench_gzip.run,
         "far": bench_far.run,
+        "startup": bench_startup.run,
     }
 
 

@@ -42,6 +42,7 @@ def test_quick_benchmark_runs_every_part(tmp_path: Path) -> None:
         "Memory",
         "Gzip",
         "Far origin",
+        "Startup",
     ):
         assert part.lower() in report.lower(), part
     assert (tmp_path / "quick.json").is_file()
