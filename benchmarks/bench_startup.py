@@ -39,7 +39,7 @@ import time
 _t0 = time.perf_counter()
 import numpy as np
 {body}
-y = m(np.zeros((1, 224, 224, 3), np.float32))
+y = m(np.zeros((1, {side}, {side}, 3), np.float32))
 y = y.numpy() if hasattr(y, "numpy") else y
 print("seconds", time.perf_counter() - _t0, y.shape)
 """
@@ -48,16 +48,16 @@ TFHUB = "import tensorflow_hub as hub\nm = hub.load({url!r})"
 HUB = "import asynchub\nm = asynchub.load({url!r})"
 
 
-def _child(body: str, cache: Path | None, *, empty: bool = False) -> float:
-    """Seconds the child took from its first line to its first answer; ``cache`` is its
-    TFHUB_CACHE_DIR, emptied first if ``empty``."""
+def _child(body: str, cache: Path | None, side: int, *, empty: bool = False) -> float:
+    """Seconds the child took from its first line to its first answer on one ``side``²
+    image; ``cache`` is its TFHUB_CACHE_DIR, emptied first if ``empty``."""
     if cache is not None and empty:
         shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     if cache is not None:
         env["TFHUB_CACHE_DIR"] = str(cache)
     proc = subprocess.run(
-        [sys.executable, "-c", _TIMED.format(body=body)],
+        [sys.executable, "-c", _TIMED.format(body=body, side=side)],
         capture_output=True,
         text=True,
         env=env,
@@ -72,6 +72,7 @@ def _child(body: str, cache: Path | None, *, empty: bool = False) -> float:
 def run(work: Work) -> list[Section]:
     quick = 1 if work.quick else 0
     rounds = _ROUNDS[quick]
+    side = 96 if work.quick else 224  # the image side, as _work._application builds it
     archive = work.keras_archive("MobileNetV2")
     module = work.keras_module("MobileNetV2")
     www = work.fresh_dir("startup-www")
@@ -106,10 +107,12 @@ def run(work: Work) -> list[Section]:
             )
         cached = {
             "TensorFlow alone, tf.saved_model.load(dir)": lambda: _child(
-                TF.format(path=str(module)), None
+                TF.format(path=str(module)), None, side
             ),
-            "tensorflow_hub hub.load, cached": lambda: _child(TFHUB.format(url=url), warm["tfhub"]),
-            "asynchub.load, cached": lambda: _child(HUB.format(url=url), warm["asynchub"]),
+            "tensorflow_hub hub.load, cached": lambda: _child(
+                TFHUB.format(url=url), warm["tfhub"], side
+            ),
+            "asynchub.load, cached": lambda: _child(HUB.format(url=url), warm["asynchub"], side),
         }
         log("startup: cached")
         samples = h.interleave(cached, rounds=rounds, warmup=1 - quick)
@@ -121,10 +124,10 @@ def run(work: Work) -> list[Section]:
         empty = work.root / "startup-empty"
         far = {
             "tensorflow_hub hub.load, far, empty cache": lambda: _child(
-                TFHUB.format(url=url), empty, empty=True
+                TFHUB.format(url=url), empty, side, empty=True
             ),
             "asynchub.load, far, empty cache": lambda: _child(
-                HUB.format(url=url), empty, empty=True
+                HUB.format(url=url), empty, side, empty=True
             ),
         }
         log("startup: far origin")
