@@ -268,24 +268,21 @@ class Predictor:
         tags: Iterable[str] | None = None,
         **hub_options: Unpack[HubOptions],
     ) -> None:
-        with gc_paused():
-            # A cache hit (every actor after the node's first, or after prefetch_on_nodes)
-            # is answered in this thread, without a hub: no event loop, no httpx.
-            path = cached(handle, hub_options)
-            if path is not None:
+        # A cache hit (every actor after the node's first, or after prefetch_on_nodes)
+        # is answered in this thread, without a hub: no event loop, no httpx.
+        path = cached(handle, hub_options)
+        if path is not None:
+            with gc_paused():  # no collection between the load and the freeze below
                 module = load_module(path, handle=os.fspath(handle), tags=tags)
-            else:
-                # A download: the hub's load imports TensorFlow while it downloads.
-                from ._sync import Hub
+                _freeze_in_actor()
+        else:
+            # A download: the hub's load imports TensorFlow while it downloads (the
+            # collector is paused only for the import and the load, not the download).
+            from ._sync import Hub
 
-                with Hub(**hub_options) as hub:
-                    module = hub.load(handle, tags=tags)
-            if _in_ray_actor():
-                # The actor lives to apply this module: what TensorFlow, Ray and the
-                # module made lives as long. Frozen, it is never scanned again; else the
-                # collector's next full passes over it (~0.2-0.5 s each with TensorFlow
-                # and Ray loaded) would land in the first batches.
-                gc.freeze()
+            with Hub(**hub_options) as hub:
+                module = hub.load(handle, tags=tags)
+            _freeze_in_actor()
         #: The loaded module (one per actor).
         self.module: Module = module
         self.signature = signature
@@ -385,6 +382,18 @@ class Predictor:
             f"Predictor(handle={self.module.handle!r}, signature={self.signature!r}, "
             f"input_column={self.input_column!r}, output_column={self.output_column!r})"
         )
+
+
+def _freeze_in_actor() -> None:
+    """In a Ray actor, freeze every object made so far (see :class:`Predictor`).
+
+    The actor lives to apply its module: what TensorFlow, Ray and the module made
+    lives as long. Frozen, it is never scanned again; else the collector's next full
+    passes over it (~0.2-0.5 s each with TensorFlow and Ray loaded) would land in the
+    first batches. Elsewhere (a test, a notebook) the process is not ours to freeze.
+    """
+    if _in_ray_actor():
+        gc.freeze()
 
 
 def _in_ray_actor() -> bool:
