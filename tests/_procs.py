@@ -1,8 +1,10 @@
-"""Server processes the tests start: ``asynchub serve ROOT --infer`` on a free port, and
-stopped as Ctrl-C would stop it, with a clean exit required."""
+"""Processes the tests start: fresh interpreters (nothing imported yet) that report as
+JSON, and ``asynchub serve ROOT --infer`` on a free port, stopped as Ctrl-C would stop
+it, with a clean exit required."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -20,6 +22,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 #: Seconds a server may take to start (it imports TensorFlow; CI machines are slow).
 START_TIMEOUT = 120
+
+
+def fresh_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh interpreter that imports this checkout, TensorFlow quiet."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+
+
+def run_fresh(code: str, **env: str) -> object:
+    """Run ``code`` in a fresh interpreter; its last line of output, read as JSON."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=fresh_env(**env),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @dataclass

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +22,7 @@ from asynchub._handles import parse
 from asynchub._lookup import cached
 from tests._archives import make_module, tar_bytes
 from tests._httpserver import Server
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(code: str, **env: str) -> Any:
-    """Run ``code`` in a fresh interpreter (nothing imported yet); its last line as JSON."""
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **env},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+from tests._procs import run_fresh
 
 
 async def hub_says(handle: str, **options: Any) -> Path | str | None:
@@ -151,7 +135,7 @@ found = cached({url!r}, {{}})
 print(json.dumps([str(found), sorted(m for m in ("httpx", "httpcore", "asynchub._hub",
     "asynchub._fetch", "asynchub._sync") if m in sys.modules)]))
 """
-    found, imported = run(code, TFHUB_CACHE_DIR=str(cache_dir))
+    found, imported = run_fresh(code, TFHUB_CACHE_DIR=str(cache_dir))
     assert found == str(path)
     assert imported == []
     # The miss and the full path still import what they need.
@@ -160,6 +144,6 @@ import json, sys
 import asynchub
 print(json.dumps([str(asynchub.resolve({url!r})), "httpx" in sys.modules]))
 """
-    fetched, httpx_imported = run(code_miss, TFHUB_CACHE_DIR=str(tmp_path / "other-cache"))
+    fetched, httpx_imported = run_fresh(code_miss, TFHUB_CACHE_DIR=str(tmp_path / "other-cache"))
     assert Path(fetched).name == path.name
     assert httpx_imported is True

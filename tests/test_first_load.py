@@ -8,7 +8,6 @@ a real HTTP server whose body is held mid-way until the test lets it go.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -19,10 +18,9 @@ import pytest
 
 import asynchub
 from tests._httpserver import Server
+from tests._procs import fresh_env
 
 pytestmark = pytest.mark.tf
-
-ROOT = Path(__file__).resolve().parent.parent
 
 WATCH = """
 import sys, threading, time
@@ -48,12 +46,7 @@ def fruit(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 @pytest.fixture
 def child_env(cache_dir: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "TFHUB_CACHE_DIR": str(cache_dir),
-    }
+    return fresh_env(TFHUB_CACHE_DIR=str(cache_dir))
 
 
 def lines_until(proc: subprocess.Popen[str], wanted: str, timeout: float) -> list[str]:

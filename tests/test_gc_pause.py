@@ -9,10 +9,6 @@ and puts it back as it was, however the pauses nest or overlap.
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from asynchub._tf import gc_paused
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests._procs import run_fresh
 
 
 @pytest.fixture
@@ -155,13 +150,5 @@ from asynchub._tf import import_tensorflow
 import_tensorflow()
 print(json.dumps([len(full), gc.isenabled(), "tensorflow" in __import__("sys").modules]))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
     # Unpaused, the import ran six full collections as the heap grew.
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1, True, True]
+    assert run_fresh(code) == [1, True, True]
